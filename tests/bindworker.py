@@ -1,0 +1,145 @@
+"""A worker that binds UDP sockets for the kernel-oracle tests; run inside a test namespace.
+
+Protocol: one JSON request per stdin line, one JSON reply per stdout line (see tests/netns.py).
+
+- A JSON **list** of socket specs is one case. The sockets are created and bound in order, each
+  with its options set before bind(); the ones that bind stay open until the whole case is done,
+  then all are closed. Reply: ``{"results": [...], "details": [...]}``, where each result is
+  ``"ok"`` or the errno name (``"EADDRINUSE"``, ``"EINVAL"``, ``"EADDRNOTAVAIL"``, ...), and each
+  detail is ``null`` or, for a bound socket, what the kernel reports back:
+  ``{"device": "vb0" or "", "v6only": bool or null, "uid": int}``.
+  A spec is ``{"family": 4 or 6, "address": "fe80::1%vb0", "port": 20000, "v6only": false,
+  "device": "", "reuse_addr": false, "reuse_port": false, "uid": 0}``; only family, address and
+  port are required.
+- ``{"sysctl": "net/ipv4/udp_hash_entries"}`` replies ``{"value": "16384"}`` (the namespace's view).
+
+A request the worker cannot understand gets ``{"error": "..."}`` rather than silence.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+# Bounds the wait for a forked child to hand over its socket.
+CHILD_TIMEOUT = 5.0
+
+
+def _socket_owned_by(uid: int, family: int) -> socket.socket:
+    """A UDP socket whose owner uid (sk_uid, fixed at socket() time) is ``uid``.
+
+    SO_REUSEPORT compares the creators' uids, not the binder's, so a socket for another uid is
+    created by a forked child running as that uid and passed back over a socketpair.
+    """
+    if uid == os.geteuid():
+        return socket.socket(family, socket.SOCK_DGRAM)
+    ours, theirs = socket.socketpair()
+    with ours:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            code = 1
+            try:
+                ours.close()
+                os.setresuid(uid, uid, uid)
+                made = socket.socket(family, socket.SOCK_DGRAM)
+                socket.send_fds(theirs, [b"s"], [made.fileno()])
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        try:
+            ours.settimeout(CHILD_TIMEOUT)
+            _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+        finally:
+            os.waitpid(pid, 0)
+    if len(fds) != 1:
+        raise RuntimeError(f"child for uid {uid} passed no socket")
+    return socket.socket(fileno=fds[0])
+
+
+def _sockaddr(family: int, address: str, port: int) -> tuple[Any, ...]:
+    # getaddrinfo turns a "%zone" suffix into the sin6_scope_id the kernel needs.
+    infos = socket.getaddrinfo(
+        address, port, family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
+    )
+    return infos[0][4]
+
+
+def _details(sock: socket.socket) -> dict[str, Any]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 64)
+    v6only = None
+    if sock.family == socket.AF_INET6:
+        v6only = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    return {
+        "device": raw.split(b"\0", 1)[0].decode(),
+        "v6only": v6only,
+        "uid": os.fstat(sock.fileno()).st_uid,
+    }
+
+
+def _bind_one(spec: dict[str, Any], held: list[socket.socket]) -> tuple[str, Any]:
+    family = socket.AF_INET6 if spec["family"] == 6 else socket.AF_INET
+    sock = _socket_owned_by(int(spec.get("uid", 0)), family)
+    try:
+        if family == socket.AF_INET6:
+            # Always explicit, so results never depend on net.ipv6.bindv6only.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.get("v6only", 0)))
+        if spec.get("reuse_addr"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if spec.get("reuse_port"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if spec.get("device"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, spec["device"].encode())
+        sock.bind(_sockaddr(family, spec["address"], int(spec["port"])))
+    except OSError as exc:
+        sock.close()
+        if exc.errno is None:
+            return type(exc).__name__, None
+        return errno.errorcode.get(exc.errno, str(exc.errno)), None
+    held.append(sock)
+    return "ok", _details(sock)
+
+
+def run_case(specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bind the sockets in order, keep the bound ones open until the end, then close all."""
+    held: list[socket.socket] = []
+    results: list[str] = []
+    details: list[Any] = []
+    try:
+        for spec in specs:
+            result, detail = _bind_one(spec, held)
+            results.append(result)
+            details.append(detail)
+    finally:
+        for sock in held:
+            sock.close()
+    return {"results": results, "details": details}
+
+
+def handle(request: Any) -> dict[str, Any]:
+    if isinstance(request, list):
+        return run_case(request)
+    if isinstance(request, dict) and "sysctl" in request:
+        name = str(request["sysctl"]).replace(".", "/")
+        with open(os.path.join("/proc/sys", name)) as file:
+            return {"value": file.read().strip()}
+    return {"error": f"unknown request {request!r}"}
+
+
+def main() -> int:
+    for line in sys.stdin:
+        try:
+            reply = handle(json.loads(line))
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,3 @@
+"""udpbindd: UDP listeners from one YAML file, clash-checked before they are bound."""
+
+__version__ = "0.1.0"

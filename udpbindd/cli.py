@@ -1,0 +1,182 @@
+"""The command line: ``run``, ``check`` and ``probe``; the one place exit codes are decided.
+
+Exit codes: 0 ok, 1 runtime failure or clash, 2 usage (argparse), 78 invalid configuration.
+No command prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from udpbindd import __version__, logs
+from udpbindd.config import (
+    DEFAULT_PATH,
+    Config,
+    ConfigError,
+    LogFormat,
+    LogLevel,
+    load,
+    load_default,
+)
+from udpbindd.daemon import Daemon, StartFailed
+from udpbindd.probe import DEFAULT_MESSAGE, ProbeFailed, probe
+from udpbindd.report import as_json, as_text, ok
+from udpbindd.survey import survey
+from udpbindd.systemd import Notifier
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = getattr(os, "EX_CONFIG", 78)
+
+log = structlog.get_logger("udpbindd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="udpbindd",
+        description="UDP listeners from one YAML file: clash-checked, bound, served, counted.",
+    )
+    parser.add_argument("--version", action="version", version=f"udpbindd {__version__}")
+    parser.add_argument(
+        "--log-level", type=LogLevel, choices=list(LogLevel), help="overrides logging.level"
+    )
+    parser.add_argument(
+        "--log-format", type=LogFormat, choices=list(LogFormat), help="overrides logging.format"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config_help = f"configuration file (default {DEFAULT_PATH}, else the embedded default)"
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("-c", "--config", type=Path, help=config_help)
+
+    check = commands.add_parser(
+        "check", help="validate a file, show its socket names and explain every clash"
+    )
+    check.add_argument("-c", "--config", type=Path, help=config_help)
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument(
+        "--no-host", action="store_true", help="do not check sockets other processes hold"
+    )
+
+    probe_cmd = commands.add_parser("probe", help="send one datagram and print the reply")
+    probe_cmd.add_argument("host")
+    probe_cmd.add_argument("port", type=_port)
+    probe_cmd.add_argument("--message", default=DEFAULT_MESSAGE)
+    probe_cmd.add_argument(
+        "--timeout", type=_seconds, default=2.0, metavar="S",
+        help="the longest wait between retries; the first is 0.1 s, doubling (default 2)",
+    )  # fmt: skip
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0.1..3600")
+    return value
+
+
+def _load(path: Path | None) -> Config:
+    if path is not None:
+        return load(path)
+    if DEFAULT_PATH.exists():
+        return load(DEFAULT_PATH)
+    return load_default()
+
+
+def _configure_logging(args: argparse.Namespace, config: Config | None) -> None:
+    level = args.log_level or (config.logging.level if config else LogLevel.INFO)
+    fmt = args.log_format or (config.logging.format if config else LogFormat.AUTO)
+    logs.configure(level, fmt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if args.command == "probe":
+        return _probe(args)
+    try:
+        config = _load(args.config)
+    except ConfigError as error:
+        _configure_logging(args, None)
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        print(
+            f"udpbindd: invalid configuration ({len(error.problems)} problem(s))", file=sys.stderr
+        )
+        return EXIT_CONFIG
+    _configure_logging(args, config)
+    if args.command == "check":
+        return _check(args, config)
+    return _run(config)
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    result = survey(config.enabled_listeners, with_host=not args.no_host)
+    render = as_json if args.format == "json" else as_text
+    sys.stdout.write(render(result, config.source))
+    return EXIT_OK if ok(result) else EXIT_FAILURE
+
+
+def _run(config: Config) -> int:
+    notifier = Notifier()
+    daemon = Daemon(config, notifier=notifier)
+    # The handlers do nothing: set_wakeup_fd writes each signal number into the loop's
+    # socketpair, and the loop dispatches it. Installing them replaces the defaults that kill.
+    previous = signal.set_wakeup_fd(daemon.wake_fd, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _ignore)
+    try:
+        try:
+            daemon.start(survey(config.enabled_listeners))
+        except StartFailed as error:
+            for failure in error.failures:
+                print(f"udpbindd: cannot bind {failure}", file=sys.stderr)
+            notifier.status(f"failed: {error.failures[0]}")
+            return EXIT_FAILURE
+        daemon.run()
+        return EXIT_OK
+    finally:
+        signal.set_wakeup_fd(previous)
+        daemon.shutdown()
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """Signal handlers do nothing: the wake-up fd carries the signal to the loop."""
+
+
+def _probe(args: argparse.Namespace) -> int:
+    try:
+        result = probe(args.host, args.port, args.message.encode(), args.timeout)
+    except ProbeFailed as error:
+        print(f"udpbindd probe: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"client socket name is {result.client}")
+    text = result.reply.decode("utf-8", errors="backslashreplace")
+    print(f"reply from {result.server} ({len(result.reply)} bytes): {text}")
+    return EXIT_OK

@@ -1,0 +1,547 @@
+"""The configuration: YAML text → a validated, immutable ``Config``; every problem at once.
+
+Pure except ``load``/``load_default``, which read a file. Never touches sockets, logging or
+metrics. Problems read ``FILE:LINE: path: message`` and the CLI turns them into exit 78.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TypeVar
+
+from udpbindd.names import IPAddress
+from udpbindd.yamlsrc import Item, Problem, parse
+
+DEFAULT_PATH = Path("/etc/udpbindd/udpbindd.yaml")
+EMBEDDED_NAME = "<embedded default>"
+DEFAULT_RECV_BUFFER = 4 * 1024 * 1024
+MAX_RECV_BUFFER = 1024 * 1024 * 1024
+MAX_FILE_BYTES = 16 * 1024 * 1024
+# Linux interface names: at most IFNAMSIZ-1 bytes, no '/', ':' or whitespace (dev_valid_name).
+_IFNAME = re.compile(r"^(?!\.{1,2}$)[^/:\s%]{1,15}$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class Family(enum.StrEnum):
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+    DUAL = "dual"
+
+
+class Responder(enum.StrEnum):
+    SIZE = "size"  # replies "Your data was N bytes"
+    ECHO = "echo"  # returns the datagram unchanged
+    DISCARD = "discard"  # replies nothing
+
+
+class LogFormat(enum.StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Wildcard:
+    """``"*"``: every address of the listener's families."""
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """One address literal; ``zone`` is the interface of a link-local IPv6 address."""
+
+    address: IPAddress
+    zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceName:
+    """An interface name: the listener follows that interface's addresses."""
+
+    name: str
+
+
+Target = Wildcard | Literal | InterfaceName
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listener as configured. Expands to one or more socket names (see ``expand.py``)."""
+
+    name: str
+    interface: str
+    target: Target
+    port: int
+    family: Family | None = None
+    responder: Responder = Responder.SIZE
+    drop_rate: float = 0.0
+    device: str = ""
+    reuse_port: bool = False
+    freebind: bool = False
+    recv_buffer: int = DEFAULT_RECV_BUFFER
+    required: bool = True
+    enabled: bool = True
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An HTTP listen address for the metrics endpoint."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: LogLevel = LogLevel.INFO
+    format: LogFormat = LogFormat.AUTO
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, valid configuration."""
+
+    source: str
+    listeners: tuple[Listener, ...]
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def enabled_listeners(self) -> tuple[Listener, ...]:
+        return tuple(listener for listener in self.listeners if listener.enabled)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every reason, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = tuple(sorted(problems, key=lambda p: (p.line, p.path)))
+        super().__init__("\n".join(str(problem) for problem in self.problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load(path: Path) -> Config:
+    """Read and validate a configuration file.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not text, or invalid.
+    """
+    source = str(path)
+    try:
+        if path.is_dir():
+            raise ConfigError([Problem(source, 0, "", "is a directory, not a file")])
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError([Problem(source, 0, "", "no such file")]) from None
+    except PermissionError:
+        raise ConfigError([Problem(source, 0, "", "permission denied")]) from None
+    except OSError as error:
+        raise ConfigError([Problem(source, 0, "", f"cannot read: {error.strerror}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError([Problem(source, 0, "", f"larger than {MAX_FILE_BYTES} bytes")])
+    return parse_bytes(data, source)
+
+
+def load_default() -> Config:
+    """The embedded default: one ``size`` listener on 127.0.0.1:1060, metrics on :9917."""
+    text = resources.files("udpbindd").joinpath("default.yaml").read_bytes()
+    return parse_bytes(text, EMBEDDED_NAME)
+
+
+def parse_bytes(data: bytes, source: str) -> Config:
+    """Validate configuration bytes; ``source`` names them in problems."""
+    if b"\x00" in data:
+        raise ConfigError([Problem(source, 0, "", "binary data, not a YAML text file")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError([Problem(source, line, "", "not valid UTF-8 text")]) from None
+    return parse_text(text, source)
+
+
+def parse_text(text: str, source: str) -> Config:
+    """Validate configuration text; ``source`` names it in problems.
+
+    Raises:
+        ConfigError: with every problem found, each with its line.
+    """
+    root, problems = parse(text, source)
+    if root is None and not problems:
+        raise ConfigError(
+            [Problem(source, 0, "", "empty file: expected a mapping with 'listeners'")]
+        )
+    if root is None:
+        raise ConfigError(problems)
+    checker = _Checker(source, problems)
+    config = checker.config(root)
+    if checker.problems or config is None:
+        raise ConfigError(checker.problems)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+_T = TypeVar("_T")
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+_TOP_KEYS = frozenset({"listeners", "metrics", "logging"})
+_LISTENER_KEYS = frozenset(
+    {
+        "name", "interface", "port", "family", "responder", "drop_rate", "device",
+        "reuse_port", "freebind", "recv_buffer", "required", "enabled",
+    }
+)  # fmt: skip
+_METRICS_KEYS = frozenset({"listen"})
+_LOGGING_KEYS = frozenset({"level", "format"})
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return f"{type(value).__name__} ({value!r})"
+
+
+class _Checker:
+    """Walks the YAML tree, building the model and collecting every problem."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+
+    def problem(self, item: Item, path: str, message: str) -> None:
+        self.problems.append(Problem(self.source, item.line, path, message))
+
+    # -- generic helpers -----------------------------------------------------------------------
+
+    def mapping(self, item: Item, path: str, allowed: frozenset[str]) -> dict[str, Item] | None:
+        if not isinstance(item.value, dict):
+            self.problem(
+                item, path or "(top level)", f"expected a mapping, got {_type_name(item.value)}"
+            )
+            return None
+        for key, child in item.value.items():
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                self.problem(
+                    child, f"{path}.{key}" if path else key, f"unknown key (known: {known})"
+                )
+        return item.value
+
+    def typed(self, item: Item, path: str, kind: type[_T], what: str) -> _T | None:
+        value = item.value
+        # bool is an int in Python, but "port: true" is a mistake, not port 1.
+        if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+            return value
+        self.problem(item, path, f"expected {what}, got {_type_name(value)}")
+        return None
+
+    def choice(self, item: Item, path: str, kind: type[_E]) -> _E | None:
+        text = self.typed(item, path, str, "a string")
+        if text is None:
+            return None
+        try:
+            return kind(text.strip().lower())
+        except ValueError:
+            options = ", ".join(member.value for member in kind)
+            self.problem(item, path, f"{text!r} is not one of: {options}")
+            return None
+
+    def optional(
+        self, fields: dict[str, Item], key: str, path: str, build: Callable[[Item, str], _T | None]
+    ) -> _T | None:
+        item = fields.get(key)
+        return None if item is None else build(item, f"{path}.{key}")
+
+    # -- sections ------------------------------------------------------------------------------
+
+    def config(self, root: Item) -> Config | None:
+        fields = self.mapping(root, "", _TOP_KEYS)
+        if fields is None:
+            return None
+        listeners_item = fields.get("listeners")
+        listeners: tuple[Listener, ...] = ()
+        if listeners_item is None:
+            self.problem(root, "listeners", "required: a list of listeners")
+        else:
+            listeners = self.listeners(listeners_item)
+        metrics = MetricsConfig(DEFAULT_METRICS_LISTEN_ENDPOINTS)
+        if "metrics" in fields:
+            metrics = self.metrics(fields["metrics"]) or metrics
+        logging = LoggingConfig()
+        if "logging" in fields:
+            logging = self.logging(fields["logging"]) or logging
+        return Config(self.source, listeners, metrics, logging)
+
+    def listeners(self, item: Item) -> tuple[Listener, ...]:
+        if item.value is None:
+            return ()
+        if not isinstance(item.value, list):
+            self.problem(item, "listeners", f"expected a list, got {_type_name(item.value)}")
+            return ()
+        result: list[Listener] = []
+        seen: dict[str, int] = {}
+        for index, child in enumerate(item.value):
+            path = f"listeners[{index}]"
+            listener = self.listener(child, path)
+            if listener is None:
+                continue
+            if listener.name in seen:
+                self.problem(
+                    child,
+                    f"{path}.name",
+                    f"duplicate listener name {listener.name!r} "
+                    f"(also listeners[{seen[listener.name]}])",
+                )
+                continue
+            seen[listener.name] = index
+            result.append(listener)
+        return tuple(result)
+
+    def listener(self, item: Item, path: str) -> Listener | None:
+        fields = self.mapping(item, path, _LISTENER_KEYS)
+        if fields is None:
+            return None
+        before = len(self.problems)
+        port = interface = target = None
+        if "port" not in fields:
+            self.problem(item, f"{path}.port", "required: a port number 1..65535")
+        else:
+            port = self.port(fields["port"], f"{path}.port")
+        if "interface" not in fields:
+            self.problem(
+                item, f"{path}.interface", 'required: an address, "*" or an interface name'
+            )
+        else:
+            interface_item = fields["interface"]
+            interface = self.typed(interface_item, f"{path}.interface", str, "a string")
+            if interface is not None:
+                target = self.target(interface_item, f"{path}.interface", interface)
+        family = self.optional(fields, "family", path, lambda i, p: self.choice(i, p, Family))
+        responder = self.optional(
+            fields, "responder", path, lambda i, p: self.choice(i, p, Responder)
+        )
+        drop_rate = self.optional(fields, "drop_rate", path, self.drop_rate)
+        device = self.optional(fields, "device", path, self.device)
+        flags = {
+            key: self.optional(
+                fields, key, path, lambda i, p: self.typed(i, p, bool, "true or false")
+            )
+            for key in ("reuse_port", "freebind", "required", "enabled")
+        }
+        recv_buffer = self.optional(fields, "recv_buffer", path, self.size)
+        name = self.optional(fields, "name", path, self.name)
+        if port is None or interface is None or target is None or len(self.problems) > before:
+            return None
+        if not self.coherent(item, path, target, family, device or ""):
+            return None
+        listener = Listener(
+            name=name or _default_name(interface, port),
+            interface=interface,
+            target=target,
+            port=port,
+            family=family,
+            responder=responder or Responder.SIZE,
+            drop_rate=drop_rate or 0.0,
+            device=device or "",
+            recv_buffer=recv_buffer or DEFAULT_RECV_BUFFER,
+            line=item.line,
+            **{key: value for key, value in flags.items() if value is not None},
+        )
+        return listener
+
+    # -- listener fields -----------------------------------------------------------------------
+
+    def port(self, item: Item, path: str) -> int | None:
+        value = self.typed(item, path, int, "a port number 1..65535")
+        if value is not None and not 1 <= value <= 65535:
+            self.problem(item, path, f"{value} is not in 1..65535")
+            return None
+        return value
+
+    def target(self, item: Item, path: str, text: str) -> Target | None:
+        text = text.strip()
+        if text == "*":
+            return Wildcard()
+        if text == "":
+            self.problem(item, path, 'empty: give an address, "*" or an interface name')
+            return None
+        unbracketed = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        address_text, _, zone = unbracketed.partition("%")
+        try:
+            address = ipaddress.ip_address(address_text)
+        except ValueError:
+            if _IFNAME.match(text):
+                return InterfaceName(text)
+            self.problem(item, path, f'{text!r} is not an IP address, "*" or an interface name')
+            return None
+        if zone:
+            if address.version != 6 or not address.is_link_local:
+                self.problem(item, path, f"{text!r}: a %zone is only for IPv6 link-local addresses")
+                return None
+            if not _IFNAME.match(zone):
+                self.problem(item, path, f"{text!r}: {zone!r} is not an interface name")
+                return None
+        return Literal(address, zone)
+
+    def drop_rate(self, item: Item, path: str) -> float | None:
+        value = item.value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(item, path, f"expected a number 0.0..1.0, got {_type_name(value)}")
+            return None
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            self.problem(item, path, f"{value} is not in 0.0..1.0")
+            return None
+        return float(value)
+
+    def device(self, item: Item, path: str) -> str | None:
+        value = self.typed(item, path, str, "an interface name")
+        if value is not None and not _IFNAME.match(value):
+            self.problem(item, path, f"{value!r} is not an interface name")
+            return None
+        return value
+
+    def size(self, item: Item, path: str) -> int | None:
+        value = item.value
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif isinstance(value, str) and (match := _SIZE.match(value)):
+            unit = (match.group(2) or "").lower()
+            size = int(match.group(1)) * _SIZE_UNITS[unit[:1] if unit != "b" else "b"]
+        else:
+            self.problem(
+                item, path, f"expected a size such as 4MiB or 262144, got {_type_name(value)}"
+            )
+            return None
+        if not 1 <= size <= MAX_RECV_BUFFER:
+            self.problem(item, path, f"{size} bytes is not in 1..{MAX_RECV_BUFFER} (1GiB)")
+            return None
+        return size
+
+    def name(self, item: Item, path: str) -> str | None:
+        value = self.typed(item, path, str, "a string")
+        if value is None:
+            return None
+        if not value.strip() or any(ch.isspace() or not ch.isprintable() for ch in value):
+            self.problem(item, path, f"{value!r}: names must be non-empty with no spaces")
+            return None
+        return value
+
+    def coherent(
+        self, item: Item, path: str, target: Target, family: Family | None, device: str
+    ) -> bool:
+        """Cross-field rules: family vs address, dual-stack only on the wildcard, zones."""
+        message = ""
+        if isinstance(target, Literal):
+            address = target.address
+            wildcard6 = address == ipaddress.IPv6Address("::")
+            if family is Family.IPV4 and address.version == 6:
+                message = f"family ipv4 does not fit the IPv6 address {address}"
+            elif family is Family.IPV6 and address.version == 4:
+                message = f"family ipv6 does not fit the IPv4 address {address}"
+            elif family is Family.DUAL and not wildcard6:
+                message = 'family dual is only for the wildcard ("*" or "::")'
+            elif address.version == 6 and address.is_link_local and not (target.zone or device):
+                message = f"link-local {address} needs a zone ({address}%eth0) or a device"
+            elif target.zone and device and target.zone != device:
+                message = f"the zone %{target.zone} and device {device!r} name different interfaces"
+        elif isinstance(target, InterfaceName) and family is Family.DUAL:
+            message = 'family dual is only for the wildcard ("*" or "::")'
+        if message:
+            self.problem(
+                item, f"{path}.family" if "family" in message else f"{path}.interface", message
+            )
+            return False
+        return True
+
+    # -- metrics and logging -------------------------------------------------------------------
+
+    def metrics(self, item: Item) -> MetricsConfig | None:
+        if item.value is None:
+            return MetricsConfig(())
+        fields = self.mapping(item, "metrics", _METRICS_KEYS)
+        if fields is None or "listen" not in fields:
+            return None
+        listen = fields["listen"]
+        entries = listen.value if isinstance(listen.value, list) else [listen]
+        if listen.value is None:
+            entries = []
+        endpoints: list[Endpoint] = []
+        for index, entry in enumerate(entries):
+            path = "metrics.listen" if entry is listen else f"metrics.listen[{index}]"
+            endpoint = self.endpoint(entry, path)
+            if endpoint is not None:
+                endpoints.append(endpoint)
+        return MetricsConfig(tuple(endpoints))
+
+    def endpoint(self, item: Item, path: str) -> Endpoint | None:
+        text = self.typed(item, path, str, 'an address such as "127.0.0.1:9917" or "[::1]:9917"')
+        if text is None:
+            return None
+        host, separator, port_text = text.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            ipaddress.ip_address(host)
+            port = int(port_text)
+        except ValueError:
+            port = -1
+        if not separator or not 1 <= port <= 65535:
+            self.problem(item, path, f"{text!r} is not ADDRESS:PORT with a literal IP address")
+            return None
+        return Endpoint(host, port)
+
+    def logging(self, item: Item) -> LoggingConfig | None:
+        fields = self.mapping(item, "logging", _LOGGING_KEYS)
+        if fields is None:
+            return None
+        level = self.optional(fields, "level", "logging", lambda i, p: self.choice(i, p, LogLevel))
+        fmt = self.optional(fields, "format", "logging", lambda i, p: self.choice(i, p, LogFormat))
+        return LoggingConfig(level or LogLevel.INFO, fmt or LogFormat.AUTO)
+
+
+DEFAULT_METRICS_LISTEN_ENDPOINTS = (Endpoint("127.0.0.1", 9917),)
+
+
+def _default_name(interface: str, port: int) -> str:
+    """A listener's default name is its socket name as written: ``127.0.0.1:1060``, ``*:53``."""
+    text = interface.strip()
+    if ":" in text and not text.startswith("["):
+        text = f"[{text}]"
+    return f"{text}:{port}"

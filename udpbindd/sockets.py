@@ -1,0 +1,131 @@
+"""The only place listener sockets are created: open a bound, non-blocking UDP socket.
+
+Sets every option before bind() (IPV6_V6ONLY always explicitly; never SO_REUSEADDR), reads
+back the receive buffer the kernel granted, and turns errno into a ``BindError`` that says
+what it means for an operator. Knows nothing of YAML, metrics or the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+
+from udpbindd.names import SocketName
+
+# Python 3.11's socket module lacks these Linux constants.
+IP_FREEBIND = 15
+SO_RCVBUFFORCE = 33
+SO_MEMINFO = 55
+_SK_MEMINFO_DROPS = 8  # index of SK_MEMINFO_DROPS in the SO_MEMINFO u32 array
+_MEMINFO_WORDS = 9
+
+_MEANINGS = {
+    errno.EADDRINUSE: "address already in use: another socket already covers this socket name",
+    errno.EADDRNOTAVAIL: (
+        "address not available: no interface of this host has it (freebind: true binds anyway)"
+    ),
+    errno.EACCES: "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE",
+    errno.EPERM: "operation not permitted: this option needs a capability the process lacks",
+    errno.ENODEV: "no such device",
+    errno.EINVAL: "invalid argument: the kernel refuses this combination of address and options",
+}
+
+
+class BindError(Exception):
+    """A socket could not be opened or bound; ``errno`` and ``step`` say where and why."""
+
+    def __init__(self, name: SocketName, code: int, step: str) -> None:
+        self.name = name
+        self.errno = code
+        self.step = step
+        self.errno_name = errno.errorcode.get(code, str(code))
+        super().__init__(f"{name}: {step}: {self.meaning}")
+
+    @property
+    def meaning(self) -> str:
+        return _MEANINGS.get(self.errno, f"{self.errno_name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Socket options that need a new socket to change."""
+
+    reuse_port: bool = False
+    freebind: bool = False
+    recv_buffer: int = 0  # 0: leave the kernel default
+
+
+def sockaddr(name: SocketName) -> tuple[str, int] | tuple[str, int, int, int]:
+    """The address tuple bind() takes; a link-local address carries its zone's index."""
+    if name.family == 4:
+        return (str(name.address), name.port)
+    scope = socket.if_nametoindex(name.device) if name.is_link_local else 0
+    return (str(name.address), name.port, 0, scope)
+
+
+def open_udp(name: SocketName, options: Options) -> tuple[socket.socket, int]:
+    """Create, configure and bind one UDP socket; return it with its granted receive buffer.
+
+    Raises:
+        BindError: the kernel refused a step; the socket is closed.
+    """
+    family = socket.AF_INET if name.family == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    step = "socket options"
+    try:
+        if family == socket.AF_INET6:
+            # Set explicitly so behaviour never depends on net.ipv6.bindv6only.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(name.v6only))
+        if options.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if options.freebind:
+            # IP_FREEBIND at SOL_IP also applies to AF_INET6 sockets.
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if name.device and not name.is_link_local:
+            step = f"binding to device {name.device}"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.device.encode())
+        granted = set_receive_buffer(sock, options.recv_buffer)
+        step = "bind"
+        if name.is_link_local:
+            step = f"looking up zone {name.device}"
+            address = sockaddr(name)
+            step = "bind"
+        else:
+            address = sockaddr(name)
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        # if_nametoindex raises an OSError without errno when the zone's interface is absent.
+        code = error.errno if error.errno is not None else errno.ENODEV
+        raise BindError(name, code, step) from None
+    return sock, granted
+
+
+def set_receive_buffer(sock: socket.socket, requested: int) -> int:
+    """Ask for ``requested`` bytes of receive buffer and return what the kernel granted.
+
+    SO_RCVBUF is capped silently at net.core.rmem_max; with CAP_NET_ADMIN, SO_RCVBUFFORCE
+    lifts the cap, so it is tried when the plain request fell short.
+    """
+    if requested > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, requested)
+        # The kernel doubles the request for its bookkeeping and reports the doubled value.
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < requested:
+            # Without CAP_NET_ADMIN the grant stays what SO_RCVBUF gave; callers report it.
+            with contextlib.suppress(PermissionError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, requested)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """The kernel's count of datagrams dropped on this socket (a full receive queue)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * _MEMINFO_WORDS)
+    except OSError:
+        return None
+    if len(raw) < 4 * (_SK_MEMINFO_DROPS + 1):
+        return None
+    return int(struct.unpack_from("=I", raw, 4 * _SK_MEMINFO_DROPS)[0])
