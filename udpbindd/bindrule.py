@@ -1,6 +1,6 @@
 """The Linux UDP bind() clash rule (EADDRINUSE), as a pure model of the kernel's port table.
 
-This follows the measured algorithm (docs/bind-rules.md): address overlap by kind (IPv4,
+This follows the measured algorithm (kernel-bind-rules.md §2): address overlap by kind (IPv4,
 v4-mapped, ``::``, plain IPv6) and V6ONLY, bound devices, SO_REUSEADDR on both sockets, and the
 SO_REUSEPORT same-owner exception, decided by the *first* relevant socket in the kernel's hash
 chain order, with the secondary-hash variant for busy slots. It knows nothing of listeners,
@@ -10,10 +10,11 @@ processes or explanations: ``clash.py`` builds those on top.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from udpbindd.names import IPV6_ANY, SocketName, v4_value
+from udpbindd.names import IPV6_ANY, IPAddress, SocketName, v4_value
 
 # The kernel switches specific-address binds to the secondary (address, port) hash when the
 # primary slot holds more than this many sockets (udp_lib_get_port, hslot->count > 10).
@@ -53,6 +54,11 @@ class Sock:
         return self.name.v6only or self.kind is Kind.V6
 
     @property
+    def device(self) -> str:
+        """The device the kernel binds: a link-local zone overrides SO_BINDTODEVICE."""
+        return _device(self.name)
+
+    @property
     def tail(self) -> bool:
         """IPv6 sockets with SO_REUSEPORT go to the tail of the hash chains, oldest first."""
         return self.name.family == 6 and self.reuse_port
@@ -62,13 +68,36 @@ class InvalidBind(ValueError):
     """The kernel refuses this bind before comparing it with anything (EINVAL)."""
 
 
+def needs_scope(address: IPAddress) -> bool:
+    """Whether the kernel requires a device to bind ``address`` (__ipv6_addr_needs_scope_id).
+
+    Link-local unicast (fe80::/10) and multicast of interface-local or link-local scope
+    (ffX1::/16, ffX2::/16): the same address exists once per link, so it is meaningless without one.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return False
+    if address.is_link_local:
+        return True
+    return address.is_multicast and address.packed[1] & 0x0F in (1, 2)
+
+
+def _device(name: SocketName) -> str:
+    # A zone given with a scoped address is the sin6_scope_id, which the kernel writes over any
+    # SO_BINDTODEVICE; on any other address it ignores the scope id.
+    address = name.address
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id and needs_scope(address):
+        return address.scope_id
+    return name.device
+
+
 def validate(sock: Sock) -> None:
     """Raise InvalidBind for binds the kernel rejects outright (not clashes)."""
     name = sock.name
-    if name.family == 6 and name.address.ipv4_mapped is not None and name.v6only:
+    address = name.address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped and name.v6only:
         raise InvalidBind("a v4-mapped address cannot be bound with IPV6_V6ONLY=1")
-    if name.is_link_local and not name.device:
-        raise InvalidBind("a link-local IPv6 address needs a zone or a device")
+    if needs_scope(address) and not sock.device:
+        raise InvalidBind(f"{address} is link-scoped: it needs a zone or a device")
 
 
 def overlaps(new: Sock, old: Sock) -> bool:
@@ -86,12 +115,15 @@ def overlaps(new: Sock, old: Sock) -> bool:
         return not (old.v6only and new_kind is Kind.V4)
     if new_kind is Kind.ANY:
         return not (new.v6only and old_kind is Kind.V4)
-    return new_kind is Kind.V6 and old_kind is Kind.V6 and new.name.address == old.name.address
+    # Compared as integers: an IPv6Address with a zone never equals the same one without.
+    return new_kind is Kind.V6 and old_kind is Kind.V6 and int(new.name.address) == int(
+        old.name.address
+    )
 
 
 def devices_compatible(new: Sock, old: Sock) -> bool:
     """Sockets bound to two different devices never clash; an unbound socket clashes with all."""
-    a, b = new.name.device, old.name.device
+    a, b = new.device, old.device
     return not a or not b or a == b
 
 

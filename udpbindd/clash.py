@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from udpbindd.bindrule import DEFAULT_HASH_ENTRIES, Kind, PortTable, Sock
 from udpbindd.expand import Binding
 from udpbindd.host import HeldSocket
-from udpbindd.names import SocketName, label, v4_value
+from udpbindd.names import SocketName, address_text, label, v4_value
 
 
 class Overlap(enum.Enum):
@@ -97,24 +97,24 @@ def overlap_of(new: SocketName, old: SocketName) -> Overlap:
 
 def _why(clash: Clash) -> str:
     new, old = clash.binding.name, clash.other_name
-    port = new.port
+    port, new_ip, old_ip = new.port, address_text(new.address), address_text(old.address)
     match clash.overlap:
         case Overlap.SAME:
             text = f"both want exactly {label(new)}"
         case Overlap.SAME_ADDRESS:
-            text = f"both bind the same address ({new.address} and {old.address}) on port {port}"
+            text = f"both bind the same address ({new_ip} and {old_ip}) on port {port}"
         case Overlap.NEW_COVERS:
             text = f"{label(new)} receives on every {_family_word(new)} address"
-            text += f", including {old.address}"
+            text += f", including {old_ip}"
         case Overlap.OLD_COVERS:
             text = f"{label(old)} already receives on every {_family_word(old)} address"
-            text += f", including {new.address}"
+            text += f", including {new_ip}"
         case Overlap.NEW_DUAL:
             text = f"{label(new)} is dual-stack (V6ONLY=0), so it also receives IPv4"
-            text += f", including {old.address}"
+            text += f", including {old_ip}"
         case Overlap.OLD_DUAL:
             text = f"{label(old)} is dual-stack (V6ONLY=0), so it also receives IPv4"
-            text += f", including {new.address}"
+            text += f", including {new_ip}"
         case Overlap.BOTH_ANY:
             text = f"two [::] sockets on port {port} always clash, whatever V6ONLY is"
     devices = _devices(new, old)

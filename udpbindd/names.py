@@ -71,17 +71,25 @@ def v4_value(address: IPAddress) -> int | None:
     return None if mapped is None else int(mapped)
 
 
+def address_text(address: IPAddress) -> str:
+    """The address as operators write it; v4-mapped IPv6 as ``::ffff:a.b.c.d`` on every Python."""
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
+    return str(address)
+
+
 def label(name: SocketName) -> str:
     """The socket's label as it appears in tables and metrics.
 
     ``127.0.0.1:1060``, ``[::1]:1060``, ``0.0.0.0:1060%eth0``, ``[fe80::1%eth0]:1060``.
     """
+    address = address_text(name.address)
     if name.family == 4:
-        text = f"{name.address}:{name.port}"
+        text = f"{address}:{name.port}"
     elif name.is_link_local and name.device:
-        return f"[{name.address}%{name.device}]:{name.port}"
+        return f"[{address}%{name.device}]:{name.port}"
     else:
-        text = f"[{name.address}]:{name.port}"
+        text = f"[{address}]:{name.port}"
     return f"{text}%{name.device}" if name.device else text
 
 

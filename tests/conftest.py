@@ -1,0 +1,86 @@
+"""Shared fixtures: free ports, config files, captured log events, and a daemon subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a component is missing, except in CI, where a missing component fails."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}", f"/sbin/{name}") if os.path.exists(p)),
+        None,
+    )
+    require(path is not None, f"{name} is not installed")
+    assert path is not None
+    return path
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root (network namespaces, privileged ports)")
+
+
+@pytest.fixture(autouse=True)
+def log_events() -> Iterator[list[dict[str, object]]]:
+    """Every structlog event emitted in-process during the test, as dicts."""
+    with structlog.testing.capture_logs() as events:
+        yield events
+
+
+def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """A UDP port that was free on ``host`` a moment ago (the kernel picked it)."""
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_both() -> int:
+    """A UDP port free on 127.0.0.1 and ::1 and the wildcards of both families."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as six:
+                six.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                six.bind(("::", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on both families")
+
+
+@pytest.fixture
+def free_udp_port() -> int:
+    return free_port_both()
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Path]:
+    """Write YAML text to a file in tmp_path and return its path."""
+    counter = iter(range(1000))
+
+    def write(text: str, name: str | None = None) -> Path:
+        path = tmp_path / (name or f"udpbindd-{next(counter)}.yaml")
+        path.write_text(text)
+        return path
+
+    return write

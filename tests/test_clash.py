@@ -1,0 +1,233 @@
+"""The clash check over listeners and foreign sockets: verdicts, certainty and explanations."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from udpbindd.clash import Clash, Overlap, check
+from udpbindd.config import parse_text
+from udpbindd.expand import Binding, expand_all
+from udpbindd.host import HeldSocket, Owner
+from udpbindd.names import SocketName
+
+IFACES = {
+    "lo": (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")),
+    "eth0": (ipaddress.ip_address("192.0.2.10"), ipaddress.ip_address("fe80::1")),
+}
+
+
+def bindings(yaml_listeners: str) -> list[Binding]:
+    config = parse_text(f"listeners:\n{yaml_listeners}", "test.yaml")
+    return list(expand_all(config.listeners, IFACES).bindings)
+
+
+def held(address: str, port: int, *, uid: int = 0, exact: bool = True, v6only: bool = False,
+         device: str = "", pid: int | None = 4242) -> HeldSocket:  # fmt: skip
+    owner = Owner(pid, "otherd") if pid is not None else None
+    name = SocketName(ipaddress.ip_address(address), port, device, v6only)
+    return HeldSocket(name=name, uid=uid, inode=1000 + port, drops=0, exact=exact, owner=owner)
+
+
+def only(clashes: list[Clash]) -> Clash:
+    assert len(clashes) == 1, [str(c) for c in clashes]
+    return clashes[0]
+
+
+@pytest.mark.parametrize(
+    ("listeners", "overlap", "failing", "other"),
+    [
+        pytest.param(
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+            "  - {name: b, interface: '*', port: 53}\n",
+            Overlap.NEW_COVERS,
+            "0.0.0.0:53",
+            "127.0.0.1:53",
+            id="wildcard-after-specific",
+        ),
+        pytest.param(
+            "  - {name: b, interface: '*', port: 53, family: ipv4}\n"
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n",
+            Overlap.OLD_COVERS,
+            "127.0.0.1:53",
+            "0.0.0.0:53",
+            id="specific-after-wildcard",
+        ),
+        pytest.param(
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+            "  - {name: d, interface: '*', port: 53, family: dual}\n",
+            Overlap.NEW_DUAL,
+            "[::]:53",
+            "127.0.0.1:53",
+            id="dual-stack-covers-ipv4",
+        ),
+        pytest.param(
+            "  - {name: d, interface: '::', port: 53, family: dual}\n"
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n",
+            Overlap.OLD_DUAL,
+            "127.0.0.1:53",
+            "[::]:53",
+            id="ipv4-after-dual-stack",
+        ),
+        pytest.param(
+            "  - {name: d, interface: '*', port: 53, family: dual}\n"
+            "  - {name: s, interface: '::', port: 53}\n",
+            Overlap.BOTH_ANY,
+            "[::]:53",
+            "[::]:53",
+            id="two-any-sockets",
+        ),
+        pytest.param(
+            "  - {name: a, interface: '::1', port: 53}\n"
+            "  - {name: w, interface: '*', port: 53, family: ipv6}\n",
+            Overlap.NEW_COVERS,
+            "[::]:53",
+            "[::1]:53",
+            id="ipv6-wildcard",
+        ),
+        pytest.param(
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+            "  - {name: m, interface: '::ffff:127.0.0.1', port: 53}\n",
+            Overlap.SAME_ADDRESS,
+            "[::ffff:127.0.0.1]:53",
+            "127.0.0.1:53",
+            id="v4-mapped",
+        ),
+        pytest.param(
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+            "  - {name: b, interface: 127.0.0.1, port: 53}\n",
+            Overlap.SAME,
+            "127.0.0.1:53",
+            "127.0.0.1:53",
+            id="exact-duplicate",
+        ),
+        pytest.param(
+            "  - {name: a, interface: 127.0.0.1, port: 53, reuse_port: true}\n"
+            "  - {name: b, interface: 127.0.0.1, port: 53, reuse_port: true}\n",
+            Overlap.SAME,
+            "127.0.0.1:53",
+            "127.0.0.1:53",
+            id="duplicate-even-with-reuse-port",
+        ),
+        pytest.param(
+            "  - {name: a, interface: 127.0.0.1, port: 53, device: eth0}\n"
+            "  - {name: b, interface: '*', port: 53, family: ipv4}\n",
+            Overlap.NEW_COVERS,
+            "0.0.0.0:53",
+            "127.0.0.1:53%eth0",
+            id="unbound-covers-device",
+        ),
+    ],
+)
+def test_clash_inside_the_file(listeners: str, overlap: Overlap, failing: str, other: str) -> None:
+    clash = only(check(bindings(listeners)))
+    assert clash.overlap is overlap
+    assert str(clash.binding.name) == failing
+    assert str(clash.other_name) == other
+    assert clash.certain
+    text = str(clash)
+    assert failing in text
+    assert "Fix:" in text
+
+
+@pytest.mark.parametrize(
+    "listeners",
+    [
+        pytest.param(
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+            "  - {name: b, interface: 192.0.2.10, port: 53}\n",
+            id="two-specific-addresses",
+        ),
+        pytest.param(
+            "  - {name: a, interface: '*', port: 53}\n",
+            id="star-is-v4-and-v6only",
+        ),
+        pytest.param(
+            "  - {name: a, interface: '*', port: 53, device: lo}\n"
+            "  - {name: b, interface: '*', port: 53, device: eth0}\n",
+            id="different-devices",
+        ),
+        pytest.param(
+            "  - {name: a, interface: 0.0.0.0, port: 53, reuse_port: true}\n"
+            "  - {name: b, interface: 127.0.0.1, port: 53, reuse_port: true}\n",
+            id="reuse-port-group-same-owner",
+        ),
+        pytest.param(
+            "  - {name: a, interface: '*', port: 53}\n  - {name: b, interface: '*', port: 54}\n",
+            id="different-ports",
+        ),
+        pytest.param(
+            "  - {name: a, interface: eth0, port: 53}\n  - {name: b, interface: lo, port: 53}\n",
+            id="interfaces-incl-link-local",
+        ),
+    ],
+)
+def test_no_clash(listeners: str) -> None:
+    assert check(bindings(listeners)) == []
+
+
+def test_a_refused_binding_is_not_bound_so_it_causes_nothing_more() -> None:
+    found = check(
+        bindings(
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+            "  - {name: w, interface: 0.0.0.0, port: 53}\n"
+            "  - {name: b, interface: 127.0.0.2, port: 53}\n"
+        )
+    )
+    # 'w' fails against 'a' and is never bound, so 127.0.0.2 is free, as at run time.
+    assert [(c.binding.listener.name, c.other.listener.name) for c in found] == [("w", "a")]  # type: ignore[union-attr]
+
+
+def test_every_clash_is_reported_not_just_the_first() -> None:
+    found = check(
+        bindings(
+            "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+            "  - {name: b, interface: 0.0.0.0, port: 53}\n"
+            "  - {name: c, interface: '::1', port: 54}\n"
+            "  - {name: d, interface: '::', port: 54, family: dual}\n"
+        )
+    )
+    assert [c.binding.listener.name for c in found] == ["b", "d"]
+
+
+def test_foreign_socket_names_the_process_and_is_certain_without_reuse_port() -> None:
+    clash = only(check(bindings("  - {name: w, interface: '*', port: 53, family: ipv4}\n"),
+                       [held("127.0.0.53", 53, uid=102)], uid=0))  # fmt: skip
+    assert clash.certain
+    assert "pid 4242 (otherd)" in clash.headline
+    assert "stop pid 4242 (otherd)" in clash.fix
+
+
+def test_foreign_socket_with_reuse_port_and_same_uid_is_only_assumed() -> None:
+    listeners = "  - {name: a, interface: 127.0.0.1, port: 53, reuse_port: true}\n"
+    same_uid = only(check(bindings(listeners), [held("127.0.0.1", 53, uid=1000)], uid=1000))
+    assert not same_uid.certain
+    assert "does not show whether the other process set SO_REUSEPORT" in same_uid.why
+    other_uid = only(check(bindings(listeners), [held("127.0.0.1", 53, uid=0)], uid=1000))
+    assert other_uid.certain
+    assert "uid 0" in other_uid.why
+
+
+def test_foreign_dual_stack_from_proc_is_assumed_worst() -> None:
+    listeners = "  - {name: a, interface: 127.0.0.1, port: 53}\n"
+    # /proc cannot show V6ONLY: a '::' socket is assumed dual-stack, and said to be assumed.
+    clash = only(check(bindings(listeners), [held("::", 53, exact=False)]))
+    assert not clash.certain
+    # sock_diag showed V6ONLY=1: no clash at all.
+    assert check(bindings(listeners), [held("::", 53, exact=True, v6only=True)]) == []
+
+
+def test_unknown_owner() -> None:
+    clash = only(check(bindings("  - {name: a, interface: 127.0.0.1, port: 53}\n"),
+                       [held("0.0.0.0", 53, uid=7, pid=None)]))  # fmt: skip
+    assert "unknown process (uid 7)" in clash.headline
+
+
+def test_ten_thousand_listeners_on_one_port() -> None:
+    lines = "".join(
+        f"  - {{interface: 127.{i // 250}.{i % 250}.1, port: 53}}\n" for i in range(10_000)
+    )
+    found = check(bindings(lines + "  - {name: wild, interface: 0.0.0.0, port: 53}\n"))
+    assert [c.binding.listener.name for c in found] == ["wild"]
+    assert str(found[0].other_name) == "127.39.249.1:53"  # the newest socket decides
