@@ -21,13 +21,13 @@ from udpbindd.names import SocketName
 PORT = 5000
 
 _KEY = re.compile(
-    r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[\d.]+))(?P<v6o>v6o)?(?::(?P<port>\d+))?"
+    r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[\d.]+))(?P<v6o>v6o)?"
     r"(?P<flags>(?:\+RA|\+RP)*)(?:%(?P<dev>\w+))?(?:@(?P<uid>\d+))?$"
 )
 
 
 def sock(key: str, port: int = PORT) -> Sock:
-    """The Sock a key describes, e.g. ``[::]v6o+RA+RP%lo@65534`` or ``127.0.0.1:5001+RP``."""
+    """The Sock a key describes, e.g. ``[::]v6o+RA+RP%lo@65534``."""
     match = _KEY.match(key)
     assert match is not None, key
     device = match["dev"] or ""
@@ -36,7 +36,7 @@ def sock(key: str, port: int = PORT) -> Sock:
         text, device = text.split("%")
     name = SocketName(
         address=ipaddress.ip_address(text),
-        port=int(match["port"] or port),
+        port=port,
         device=device,
         v6only=match["v6o"] is not None,
     )
@@ -92,7 +92,6 @@ def _parse_t1() -> dict[tuple[str, str], str]:
 
 
 T1_CELLS = _parse_t1()
-T1_KEYS = sorted({first for first, _ in T1_CELLS}, key=list(T1_CELLS).index)
 
 
 def test_t1_is_complete_and_symmetric() -> None:
@@ -111,10 +110,6 @@ def test_t1_address_overlap(first: str, second: str, expected: str) -> None:
 
 
 def test_different_ports_never_clash() -> None:
-    for first, second in T1_CELLS:
-        assert outcomes(first, f"{second}:{PORT + 1}".replace("]v6o:", "]:"))[1] == "." or (
-            second.endswith("v6o")
-        )
     for first, second in T1_CELLS:
         table = PortTable()
         assert table.bind(sock(first, PORT)) is None
@@ -283,7 +278,7 @@ def test_secondary_hash_slot_follows_hash_entries() -> None:
     _fill_slot(table, 10, PORT + 1024)
     assert outcomes(*SHADOW, table=table) == [".", ".", "X"]
     table = PortTable(hash_entries=1024)
-    _fill_slot(table, 10, PORT + 16384)  # a different slot in a 1024-entry table
+    _fill_slot(table, 10, PORT + 512)  # a different slot in a 1024-entry table
     assert outcomes(*SHADOW, table=table) == [".", ".", "."]
 
 
@@ -391,10 +386,10 @@ def test_remove_needs_the_bound_object() -> None:
 
 def test_remove_updates_the_slot_count() -> None:
     table = PortTable()
-    fillers = [sock(f"127.0.1.{n + 1}", PORT + 16384) for n in range(10)]
+    fillers = [sock(f"127.0.1.{n + 1}", PORT + 16384) for n in range(9)]
     for filler in fillers:
         assert table.bind(filler) is None
-    table.remove(fillers[0])
+    table.remove(fillers[0])  # 8 fillers + W + S: C no longer sees a busy slot
     assert outcomes(*SHADOW, table=table) == [".", ".", "."]
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from netns import require_netns
 
 from udpbindd import host, netlink
 from udpbindd.names import SocketName
@@ -29,11 +30,11 @@ ip = ipaddress.ip_address
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
 
-# Captured on a little-endian host: 127.0.0.1:35594%lo, 0.0.0.0:53, a connected socket,
-# and in udp6 [::]:45476 dual-stack, [::1]:1060, [::ffff:127.0.0.1]:1061 and a port-0 row.
+# Rows in the kernel's format on a little-endian host. udp: 127.0.0.1:35594%lo, 0.0.0.0:53 and a
+# connected socket; udp6: [::]:45476 dual-stack, [::1]:1060, [::ffff:127.0.0.1]:1061, a port-0 row.
 PROC_UDP = """\
-   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops            
- 4615: 0100007F:8B0A 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 7450 2 000000005c8509b6 0          
+   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+ 4615: 0100007F:8B0A 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 7450 2 000000005c8509b6 0
    53: 00000000:0035 00000000:0000 07 00000000:00000680 00:00000000 00000000   100        0 811 2 0000000000000000 2002
   901: 0100007F:E001 0200007F:0424 01 00000010:00000000 00:00000000 00000000 65534        0 9001 2 0000000000000000 0
 """  # noqa: E501
@@ -86,6 +87,7 @@ def test_parse_proc_udp_ipv6() -> None:
 
 def test_parse_proc_udp_big_endian_words() -> None:
     text = "7: 7F000001:0424 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 5 2 0 0"
+    text += " " * 10  # the kernel pads rows with trailing spaces
     [row] = host.parse_proc_udp(text, byteorder="big")
     assert (row.address, row.port) == (V4("127.0.0.1"), 1060)
 
@@ -202,7 +204,7 @@ def _addr(
 
 
 def test_apply_messages_builds_and_updates_the_table() -> None:
-    dump = [
+    dump: list[netlink.Message] = [
         _link(1, "lo"),
         _link(4, "eth0", up=False),
         _addr(1, "127.0.0.1"),
@@ -217,7 +219,7 @@ def test_apply_messages_builds_and_updates_the_table() -> None:
         "lo": host.Interface("lo", 1, True, (V4("127.0.0.1"), V6("::1"))),
         "eth0": host.Interface("eth0", 4, False, (V4("192.0.2.1"),)),
     }
-    events = [
+    events: list[netlink.Message] = [
         _link(4, "wan0"),  # renamed and up: addresses stay
         _addr(4, "2001:db8::1"),
         _addr(1, "::1", deleted=True),
@@ -485,12 +487,12 @@ NEW = ipaddress.ip_address("198.51.100.7")
 
 before = host.interfaces()
 with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as linklocal:
-    linklocal.bind(("fe80::1%va", 0))
+    # The zone goes in the scope id: a "%va" suffix in a 2-tuple is not passed to bind().
+    linklocal.bind(("fe80::1", 0, 0, socket.if_nametoindex("va")))
     inode = os.fstat(linklocal.fileno()).st_ino
     [held] = [h for h in host.held_sockets() if h.inode == inode]
 
 groups = netlink.RTMGRP_LINK | netlink.RTMGRP_IPV4_IFADDR | netlink.RTMGRP_IPV6_IFADDR
-events = []
 with netlink.open_socket(netlink.NETLINK_ROUTE, groups) as sub:
     subprocess.run(["ip", "addr", "add", "198.51.100.7/24", "dev", "va"], check=True, timeout=10)
     subprocess.run(["ip", "link", "set", "vb", "down"], check=True, timeout=10)
@@ -524,6 +526,7 @@ def _ip_cmd(*args: str) -> None:
 
 @pytest.mark.netns
 def test_interfaces_in_a_namespace_with_veth() -> None:
+    require_netns()
     namespace = f"udpbt-{secrets.token_hex(4)}"
     _ip_cmd("netns", "add", namespace)
     try:

@@ -257,7 +257,7 @@ def find_owners(inodes: Iterable[int], *, proc: str = PROC_ROOT) -> dict[int, Ow
 def _pids(proc: str) -> list[int]:
     try:
         with os.scandir(proc) as entries:
-            pids = sorted(int(entry.name) for entry in entries if entry.name.isdigit())
+            pids = [int(entry.name) for entry in entries if entry.name.isdigit()]
     except OSError:
         return []
     return sorted(pids, key=lambda pid: (pid == 1, pid))

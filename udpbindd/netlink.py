@@ -48,7 +48,6 @@ RTMGRP_IPV6_IFADDR = 0x100
 # sock_diag (linux/sock_diag.h, linux/inet_diag.h). Its one message type shares the value 20
 # with RTM_NEWADDR, so decoding always needs the protocol the bytes came from.
 SOCK_DIAG_BY_FAMILY = 20
-INET_DIAG_MEMINFO = 1
 INET_DIAG_SKMEMINFO = 7
 INET_DIAG_SKV6ONLY = 11
 SK_MEMINFO_DROPS = 8
@@ -473,13 +472,13 @@ def dump(
         request = pack_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, payload)
         with open_socket(protocol) as sock:
             sock.sendto(request, (0, 0))
-            messages, interrupted = _receive_dump(sock, protocol, seq, timeout, max_bytes)
+            messages, interrupted = receive_dump(sock, protocol, seq, timeout, max_bytes)
         if not interrupted:
             return messages
     raise NetlinkError(errno.EAGAIN, "netlink dump was interrupted on every attempt")
 
 
-def _receive_dump(
+def receive_dump(
     sock: socket.socket, protocol: int, seq: int, timeout: float, max_bytes: int
 ) -> tuple[list[Message], bool]:
     deadline = time.monotonic() + timeout
