@@ -311,3 +311,55 @@ def test_open_socket_joins_groups() -> None:
         port_id, joined = sock.getsockname()
     assert port_id != 0
     assert joined == groups
+
+
+def _feed(*datagrams: bytes) -> tuple[socket.socket, socket.socket]:
+    # A datagram socketpair stands in for the kernel end: receive_dump only needs recvmsg().
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for datagram in datagrams:
+        writer.send(datagram)
+    return reader, writer
+
+
+def _link_bytes(index: int, *, seq: int, flags: int = netlink.NLM_F_MULTI) -> bytes:
+    payload = ifinfomsg(index, netlink.IFF_UP) + rta(netlink.IFLA_IFNAME, b"eth0\0")
+    return nlmsg(netlink.RTM_NEWLINK, payload, flags=flags, seq=seq)
+
+
+def test_receive_dump_skips_other_requests_and_acks() -> None:
+    reader, writer = _feed(
+        _link_bytes(1, seq=6),  # a late answer to an earlier request
+        _link_bytes(2, seq=7) + nlmsg(netlink.NLMSG_ERROR, bytes(20), seq=7),
+        _link_bytes(3, seq=7, flags=netlink.NLM_F_MULTI | netlink.NLM_F_DUMP_INTR),
+        nlmsg(netlink.NLMSG_DONE, struct.pack("=i", 0), seq=7),
+    )
+    with reader, writer:
+        messages, interrupted = netlink.receive_dump(reader, netlink.NETLINK_ROUTE, 7)
+    assert [m.index for m in messages if isinstance(m, netlink.LinkMessage)] == [2, 3]
+    assert len(messages) == 2
+    assert interrupted
+
+
+@pytest.mark.parametrize(
+    ("datagram", "code"),
+    [
+        (nlmsg(netlink.NLMSG_ERROR, struct.pack("=i", -errno.EPERM) + bytes(16), seq=7), "EPERM"),
+        (nlmsg(netlink.NLMSG_DONE, struct.pack("=i", -errno.ENOBUFS), seq=7), "ENOBUFS"),
+    ],
+)
+def test_receive_dump_raises_the_kernel_errno(datagram: bytes, code: str) -> None:
+    reader, writer = _feed(datagram)
+    with reader, writer, pytest.raises(netlink.NetlinkError) as caught:
+        netlink.receive_dump(reader, netlink.NETLINK_ROUTE, 7)
+    assert caught.value.errno == getattr(errno, code)
+
+
+def test_receive_dump_is_bounded() -> None:
+    reader, writer = _feed(_link_bytes(1, seq=7))
+    with reader, writer:
+        with pytest.raises(TimeoutError):
+            netlink.receive_dump(reader, netlink.NETLINK_ROUTE, 7, timeout=0.05)
+        writer.send(_link_bytes(1, seq=7))
+        with pytest.raises(netlink.NetlinkError) as caught:
+            netlink.receive_dump(reader, netlink.NETLINK_ROUTE, 7, max_bytes=10)
+    assert caught.value.errno == errno.EMSGSIZE

@@ -58,20 +58,24 @@ class Served:
     def drain(self, buffer: bytearray, view: memoryview, budget: int = DRAIN_BUDGET) -> int:
         """Read and answer up to ``budget`` datagrams; return how many were read."""
         sock, stats, reply, drop_rate = self.sock, self.stats, self.reply, self.drop_rate
+        chance = random.random
         count = 0
         while count < budget:
+            # Errors count against the budget too, so nothing can keep one socket in this loop.
+            count += 1
             try:
                 n, peer = sock.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
+                count -= 1
                 break
             except OSError:
-                # A queued ICMP error (IP_RECVERR) surfaces here; it is no datagram.
+                # A pending socket error (the asynchronous result of an earlier send) is
+                # reported once by the next receive; it is no datagram.
                 stats.send_errors += 1
                 continue
-            count += 1
             stats.received_packets += 1
             stats.received_bytes += n
-            if drop_rate and random.random() < drop_rate:  # noqa: S311 - simulated loss, not crypto
+            if drop_rate and chance() < drop_rate:  # noqa: S311 - simulated loss, not crypto
                 stats.dropped_simulated += 1
                 continue
             data = reply(view, n)

@@ -472,15 +472,31 @@ def dump(
         request = pack_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, payload)
         with open_socket(protocol) as sock:
             sock.sendto(request, (0, 0))
-            messages, interrupted = receive_dump(sock, protocol, seq, timeout, max_bytes)
+            messages, interrupted = receive_dump(
+                sock, protocol, seq, timeout=timeout, max_bytes=max_bytes
+            )
         if not interrupted:
             return messages
     raise NetlinkError(errno.EAGAIN, "netlink dump was interrupted on every attempt")
 
 
 def receive_dump(
-    sock: socket.socket, protocol: int, seq: int, timeout: float, max_bytes: int
+    sock: socket.socket,
+    protocol: int,
+    seq: int,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int = MAX_DUMP_BYTES,
 ) -> tuple[list[Message], bool]:
+    """Receive the answer to dump request ``seq`` on ``sock``, up to its NLMSG_DONE.
+
+    Returns the messages and whether the kernel flagged the dump as interrupted
+    (NLM_F_DUMP_INTR). Messages of other requests are skipped.
+
+    Raises:
+        NetlinkError: an NLMSG_ERROR or a failed NLMSG_DONE, or more than ``max_bytes``.
+        TimeoutError: no NLMSG_DONE within ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     messages: list[Message] = []
     interrupted = False
