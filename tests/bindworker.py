@@ -63,9 +63,7 @@ def _socket_owned_by(uid: int, family: int) -> socket.socket:
 
 def _sockaddr(family: int, address: str, port: int) -> tuple[Any, ...]:
     # getaddrinfo turns a "%zone" suffix into the sin6_scope_id the kernel needs.
-    infos = socket.getaddrinfo(
-        address, port, family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
-    )
+    infos = socket.getaddrinfo(address, port, family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
     return infos[0][4]
 
 
@@ -134,7 +132,7 @@ def main() -> int:
     for line in sys.stdin:
         try:
             reply = handle(json.loads(line))
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
+        except Exception as exc:  # every failure is reported, never swallowed
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()

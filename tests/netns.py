@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -209,10 +209,8 @@ class Worker:
         proc = self._proc
         try:
             if proc.stdin is not None:
-                try:
+                with suppress(BrokenPipeError):
                     proc.stdin.close()
-                except BrokenPipeError:
-                    pass
             try:
                 proc.wait(timeout=EXIT_GRACE)
             except subprocess.TimeoutExpired:

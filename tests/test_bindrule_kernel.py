@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
-from collections import Counter
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -50,6 +50,7 @@ ADDRESS_DEVICES = {
     "fe80::1": ("", "vb0"),
 }
 UIDS = (0, 65534)
+FLAGS = ("-", "RA", "RP", "RA+RP")  # SO_REUSEADDR and SO_REUSEPORT set before bind
 # Ports for the cases. Below the ephemeral range, and with room for the busy-slot fillers at
 # port + udp_hash_entries, which must stay below 65536.
 # Examples per property test; raise it for a longer hunt (reproducible: generation is seeded).
@@ -147,10 +148,12 @@ def at_port(s: Sock, base: int) -> Sock:
 @st.composite
 def socks(
     draw: st.DrawFn,
+    *,
     ports: int = 1,
     addresses: Sequence[str] = tuple(ADDRESS_DEVICES),
     devices: Sequence[str] = ALL_DEVICES,
     uids: Sequence[int] = UIDS,
+    flags: Sequence[str] = FLAGS,
 ) -> Sock:
     """One socket whose port is an offset (0 .. ports - 1) from the case's base port."""
     address = draw(st.sampled_from(addresses))
@@ -162,10 +165,11 @@ def socks(
         device=draw(st.sampled_from(allowed or [""])),
         v6only=parsed.version == 6 and draw(st.booleans()),
     )
+    chosen = draw(st.sampled_from(flags))
     return Sock(
         name,
-        reuse_addr=draw(st.booleans()),
-        reuse_port=draw(st.booleans()),
+        reuse_addr="RA" in chosen,
+        reuse_port="RP" in chosen,
         uid=draw(st.sampled_from(uids)),
     )
 
@@ -176,14 +180,28 @@ def _pool(choices: Sequence[str] | Sequence[int], most: int) -> st.SearchStrateg
 
 @st.composite
 def cases(draw: st.DrawFn, ports: int = 2) -> list[Sock]:
-    """2-5 sockets. Each case draws from a few addresses, devices and owners, so that sockets
-    meet often and the ones a newcomer meets often disagree (some accept it via RP, some not)."""
-    strategy = socks(
-        ports=draw(st.integers(1, ports)),
-        addresses=draw(_pool(tuple(ADDRESS_DEVICES), 3)),
-        devices=draw(_pool(ALL_DEVICES, 2)),
-        uids=draw(_pool(UIDS, 2)),
-    )
+    """2-5 sockets drawn from a few addresses, devices, owners and flag sets, so that sockets
+    meet often.
+
+    Half of the cases end in two SO_REUSEPORT sockets of one owner: a newcomer that the newer
+    of them accepts while an older socket would refuse it. Only there does the order of the
+    kernel's hash chain decide, and uniform cases almost never get there.
+    """
+    pools = {
+        "addresses": draw(_pool(tuple(ADDRESS_DEVICES), 3)),
+        "devices": draw(_pool(ALL_DEVICES, 2)),
+        "ports": draw(st.integers(1, ports)),
+    }
+    uids = draw(_pool(UIDS, 2))
+    if draw(st.booleans()):
+        uid = draw(st.sampled_from(uids))
+        older = socks(**pools, uids=uids, flags=draw(_pool(FLAGS[:2], 2)))
+        return [
+            *draw(st.lists(older, min_size=1, max_size=3)),
+            draw(socks(**pools, uids=[uid], flags=["RP", "RA+RP"])),
+            draw(socks(**pools, uids=[uid], flags=["RP"])),
+        ]
+    strategy = socks(**pools, uids=uids, flags=draw(_pool(FLAGS, 3)))
     return draw(st.lists(strategy, min_size=2, max_size=5))
 
 

@@ -116,8 +116,10 @@ def overlaps(new: Sock, old: Sock) -> bool:
     if new_kind is Kind.ANY:
         return not (new.v6only and old_kind is Kind.V4)
     # Compared as integers: an IPv6Address with a zone never equals the same one without.
-    return new_kind is Kind.V6 and old_kind is Kind.V6 and int(new.name.address) == int(
-        old.name.address
+    return (
+        new_kind is Kind.V6
+        and old_kind is Kind.V6
+        and int(new.name.address) == int(old.name.address)
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from udpbindd import __version__, logs
+from udpbindd import __version__, activation, logs
 from udpbindd.config import (
     DEFAULT_PATH,
     Config,
@@ -26,7 +26,8 @@ from udpbindd.config import (
     load_default,
 )
 from udpbindd.daemon import Daemon, StartFailed
-from udpbindd.probe import DEFAULT_MESSAGE, ProbeFailed, probe
+from udpbindd.metrics import MetricsError, MetricsServer, make_registry
+from udpbindd.probe import DEFAULT_MESSAGE, ProbeFailed, printable, probe
 from udpbindd.report import as_json, as_text, ok
 from udpbindd.survey import survey
 from udpbindd.systemd import Notifier
@@ -45,20 +46,31 @@ def _parser() -> argparse.ArgumentParser:
         description="UDP listeners from one YAML file: clash-checked, bound, served, counted.",
     )
     parser.add_argument("--version", action="version", version=f"udpbindd {__version__}")
-    parser.add_argument(
-        "--log-level", type=LogLevel, choices=list(LogLevel), help="overrides logging.level"
-    )
-    parser.add_argument(
-        "--log-format", type=LogFormat, choices=list(LogFormat), help="overrides logging.format"
-    )
+    # The logging options work before or after the command: a parent parser shared by all,
+    # with SUPPRESS so a subcommand's absent option does not overwrite a global one.
+    logging_options = argparse.ArgumentParser(add_help=False)
+    for target in (parser, logging_options):
+        default = None if target is parser else argparse.SUPPRESS
+        target.add_argument(
+            "--log-level", type=LogLevel, choices=list(LogLevel), default=default,
+            help="overrides logging.level",
+        )  # fmt: skip
+        target.add_argument(
+            "--log-format", type=LogFormat, choices=list(LogFormat), default=default,
+            help="overrides logging.format",
+        )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config_help = f"configuration file (default {DEFAULT_PATH}, else the embedded default)"
-    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run = commands.add_parser(
+        "run", help="run the daemon in the foreground", parents=[logging_options]
+    )
     run.add_argument("-c", "--config", type=Path, help=config_help)
 
     check = commands.add_parser(
-        "check", help="validate a file, show its socket names and explain every clash"
+        "check",
+        help="validate a file, show its socket names and explain every clash",
+        parents=[logging_options],
     )
     check.add_argument("-c", "--config", type=Path, help=config_help)
     check.add_argument("--format", choices=("text", "json"), default="text")
@@ -100,9 +112,11 @@ def _seconds(text: str) -> float:
 def _load(path: Path | None) -> Config:
     if path is not None:
         return load(path)
-    if DEFAULT_PATH.exists():
-        return load(DEFAULT_PATH)
-    return load_default()
+    try:
+        present = DEFAULT_PATH.exists()
+    except OSError:
+        present = True  # it may be there but unreadable: load() reports that clearly
+    return load(DEFAULT_PATH) if present else load_default()
 
 
 def _configure_logging(args: argparse.Namespace, config: Config | None) -> None:
@@ -133,19 +147,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args, config)
     if args.command == "check":
         return _check(args, config)
-    return _run(config)
+    return _run(args.config, config)
 
 
 def _check(args: argparse.Namespace, config: Config) -> int:
-    result = survey(config.enabled_listeners, with_host=not args.no_host)
+    try:
+        result = survey(config.enabled_listeners, with_host=not args.no_host)
+    except OSError as error:
+        print(f"udpbindd: cannot read this host's interfaces or sockets: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     render = as_json if args.format == "json" else as_text
     sys.stdout.write(render(result, config.source))
     return EXIT_OK if ok(result) else EXIT_FAILURE
 
 
-def _run(config: Config) -> int:
+def _run(path: Path | None, config: Config) -> int:
     notifier = Notifier()
-    daemon = Daemon(config, notifier=notifier)
+    # Adopt systemd's sockets first, so the host survey knows they are udpbindd's own.
+    inherited, rejected = activation.inherited()
+    for item in rejected:
+        log.warning("inherited_rejected", fd=item.fd, fdname=item.fdname, reason=item.reason)
+    daemon = Daemon(config, notifier=notifier, loader=lambda: _load(path), inherited=inherited)
+    exporter = MetricsServer(make_registry(daemon.snapshot))
     # The handlers do nothing: set_wakeup_fd writes each signal number into the loop's
     # socketpair, and the loop dispatches it. Installing them replaces the defaults that kill.
     previous = signal.set_wakeup_fd(daemon.wake_fd, warn_on_full_buffer=False)
@@ -153,15 +176,31 @@ def _run(config: Config) -> int:
         signal.signal(signum, _ignore)
     try:
         try:
-            daemon.start(survey(config.enabled_listeners))
+            preflight = survey(config.enabled_listeners, exclude_inodes=daemon.own_inodes())
+            daemon.start(preflight)
         except StartFailed as error:
             for failure in error.failures:
                 print(f"udpbindd: cannot bind {failure}", file=sys.stderr)
-            notifier.status(f"failed: {error.failures[0]}")
+            notifier.status(f"failed: {error.failures[0]}"[:400])
             return EXIT_FAILURE
+        except OSError as error:
+            print(
+                f"udpbindd: cannot read this host's interfaces or sockets: {error}", file=sys.stderr
+            )
+            return EXIT_FAILURE
+        try:
+            exporter.start(config.metrics.listen, config.metrics.tls)
+        except MetricsError as error:
+            print(f"udpbindd: {error}", file=sys.stderr)
+            notifier.status(f"failed: {error}"[:400])
+            return EXIT_FAILURE
+        if config.metrics.listen:
+            log.info("metrics_serving", listen=[str(e) for e in config.metrics.listen])
+        # READY=1 comes from run(): every required listener is bound and metrics are served.
         daemon.run()
         return EXIT_OK
     finally:
+        exporter.stop()
         signal.set_wakeup_fd(previous)
         daemon.shutdown()
 
@@ -171,12 +210,17 @@ def _ignore(signum: int, frame: object) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    def connected(client: str) -> None:
+        # Shown before the first wait, as the classic client does, even if nothing answers.
+        print(f"client socket name is {client}", flush=True)
+
     try:
-        result = probe(args.host, args.port, args.message.encode(), args.timeout)
+        # fsencode: argv bytes that are not UTF-8 arrive as surrogates; send them unchanged.
+        message = os.fsencode(args.message)
+        result = probe(args.host, args.port, message, args.timeout, on_connected=connected)
     except ProbeFailed as error:
         print(f"udpbindd probe: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"client socket name is {result.client}")
-    text = result.reply.decode("utf-8", errors="backslashreplace")
+    text = printable(result.reply)
     print(f"reply from {result.server} ({len(result.reply)} bytes): {text}")
     return EXIT_OK

@@ -6,6 +6,9 @@ metrics. Problems read ``FILE:LINE: path: message`` and the CLI turns them into 
 
 from __future__ import annotations
 
+import codecs
+import datetime
+import difflib
 import enum
 import ipaddress
 import math
@@ -16,8 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
-from udpbindd.names import IPAddress
-from udpbindd.yamlsrc import Item, Problem, parse
+from udpbindd.names import IPAddress, address_text
+from udpbindd.yamlsrc import INVALID, Item, Problem, parse
 
 DEFAULT_PATH = Path("/etc/udpbindd/udpbindd.yaml")
 EMBEDDED_NAME = "<embedded default>"
@@ -26,6 +29,10 @@ MAX_RECV_BUFFER = 1024 * 1024 * 1024
 MAX_FILE_BYTES = 16 * 1024 * 1024
 # Linux interface names: at most IFNAMSIZ-1 bytes, no '/', ':' or whitespace (dev_valid_name).
 _IFNAME = re.compile(r"^(?!\.{1,2}$)[^/:\s%]{1,15}$")
+# Text an operator meant as an address: digits and dots ("10.0.0.300"), or hex digits and dots
+# around a colon ("fe80::1::2"). Such text is never taken for an interface name.
+_LOOKS_LIKE_ADDRESS = re.compile(r"^[\d.]*\.[\d.]*$|^[\da-fA-F.:]*:[\da-fA-F.:]*$")
+_METRICS_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<v4>[^:\[\]]*)):(?P<port>\d{1,5})$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -110,8 +117,21 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsTLS:
+    """HTTPS for the metrics endpoint: PEM files by absolute path, read when serving starts.
+
+    ``client_ca``, when set, is the CA whose client certificates are required.
+    """
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen: tuple[Endpoint, ...] = ()
+    tls: MetricsTLS | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +158,8 @@ class ConfigError(Exception):
     """The configuration is invalid; ``problems`` lists every reason, in file order."""
 
     def __init__(self, problems: list[Problem]) -> None:
-        self.problems = tuple(sorted(problems, key=lambda p: (p.line, p.path)))
+        # Stable: problems on one line keep the order they were found in (left to right).
+        self.problems = tuple(sorted(problems, key=lambda problem: problem.line))
         super().__init__("\n".join(str(problem) for problem in self.problems))
 
 
@@ -177,6 +198,8 @@ def load_default() -> Config:
 
 def parse_bytes(data: bytes, source: str) -> Config:
     """Validate configuration bytes; ``source`` names them in problems."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ConfigError([Problem(source, 0, "", "UTF-16 text: save the file as UTF-8")])
     if b"\x00" in data:
         raise ConfigError([Problem(source, 0, "", "binary data, not a YAML text file")])
     try:
@@ -213,15 +236,16 @@ def parse_text(text: str, source: str) -> Config:
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.StrEnum)
 
-_TOP_KEYS = frozenset({"listeners", "metrics", "logging"})
-_LISTENER_KEYS = frozenset(
+TOP_KEYS = frozenset({"listeners", "metrics", "logging"})
+LISTENER_KEYS = frozenset(
     {
         "name", "interface", "port", "family", "responder", "drop_rate", "device",
         "reuse_port", "freebind", "recv_buffer", "required", "enabled",
     }
 )  # fmt: skip
-_METRICS_KEYS = frozenset({"listen"})
-_LOGGING_KEYS = frozenset({"level", "format"})
+METRICS_KEYS = frozenset({"listen", "tls"})
+TLS_KEYS = frozenset({"cert", "key", "client_ca"})
+LOGGING_KEYS = frozenset({"level", "format"})
 
 
 def _type_name(value: object) -> str:
@@ -229,13 +253,30 @@ def _type_name(value: object) -> str:
         return "nothing (null)"
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
         return f"a string ({value!r})"
+    if isinstance(value, bytes):
+        return "binary data"
+    if isinstance(value, datetime.date):
+        return f"a date ({value.isoformat()})"
     return f"{type(value).__name__} ({value!r})"
+
+
+def _text(item: Item | None) -> str | None:
+    return item.value if item is not None and isinstance(item.value, str) else None
+
+
+def _unknown_key(key: str, allowed: frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (known: {', '.join(sorted(allowed))})"
 
 
 class _Checker:
@@ -246,7 +287,9 @@ class _Checker:
         self.problems = problems
 
     def problem(self, item: Item, path: str, message: str) -> None:
-        self.problems.append(Problem(self.source, item.line, path, message))
+        if item.value is INVALID:
+            return  # the YAML layer has already said why this value could not be read
+        self.problems.append(Problem(self.source, item.where, path, message))
 
     # -- generic helpers -----------------------------------------------------------------------
 
@@ -258,10 +301,7 @@ class _Checker:
             return None
         for key, child in item.value.items():
             if key not in allowed:
-                known = ", ".join(sorted(allowed))
-                self.problem(
-                    child, f"{path}.{key}" if path else key, f"unknown key (known: {known})"
-                )
+                self.problem(child, f"{path}.{key}" if path else key, _unknown_key(key, allowed))
         return item.value
 
     def typed(self, item: Item, path: str, kind: type[_T], what: str) -> _T | None:
@@ -273,13 +313,13 @@ class _Checker:
         return None
 
     def choice(self, item: Item, path: str, kind: type[_E]) -> _E | None:
-        text = self.typed(item, path, str, "a string")
+        options = ", ".join(member.value for member in kind)
+        text = self.typed(item, path, str, f"one of: {options}")
         if text is None:
             return None
         try:
             return kind(text.strip().lower())
         except ValueError:
-            options = ", ".join(member.value for member in kind)
             self.problem(item, path, f"{text!r} is not one of: {options}")
             return None
 
@@ -292,7 +332,7 @@ class _Checker:
     # -- sections ------------------------------------------------------------------------------
 
     def config(self, root: Item) -> Config | None:
-        fields = self.mapping(root, "", _TOP_KEYS)
+        fields = self.mapping(root, "", TOP_KEYS)
         if fields is None:
             return None
         listeners_item = fields.get("listeners")
@@ -301,41 +341,57 @@ class _Checker:
             self.problem(root, "listeners", "required: a list of listeners")
         else:
             listeners = self.listeners(listeners_item)
+        # An empty section ("metrics:" with nothing under it) means the defaults, as if absent.
         metrics = MetricsConfig(DEFAULT_METRICS_LISTEN_ENDPOINTS)
-        if "metrics" in fields:
+        if fields.get("metrics", Item(None, 0)).value is not None:
             metrics = self.metrics(fields["metrics"]) or metrics
         logging = LoggingConfig()
-        if "logging" in fields:
+        if fields.get("logging", Item(None, 0)).value is not None:
             logging = self.logging(fields["logging"]) or logging
         return Config(self.source, listeners, metrics, logging)
 
     def listeners(self, item: Item) -> tuple[Listener, ...]:
-        if item.value is None:
-            return ()
         if not isinstance(item.value, list):
-            self.problem(item, "listeners", f"expected a list, got {_type_name(item.value)}")
+            hint = " (write [] for none)" if item.value is None else ""
+            self.problem(item, "listeners", f"expected a list, got {_type_name(item.value)}{hint}")
             return ()
         result: list[Listener] = []
         seen: dict[str, int] = {}
         for index, child in enumerate(item.value):
             path = f"listeners[{index}]"
             listener = self.listener(child, path)
-            if listener is None:
+            # A name given explicitly is checked even when the rest of its listener is not.
+            given = child.value.get("name") if isinstance(child.value, dict) else None
+            name = listener.name if listener else _text(given)
+            if name is None:
                 continue
-            if listener.name in seen:
-                self.problem(
-                    child,
-                    f"{path}.name",
-                    f"duplicate listener name {listener.name!r} "
-                    f"(also listeners[{seen[listener.name]}])",
-                )
+            if name in seen:
+                self.duplicate_name(child, given, path, name, seen[name])
                 continue
-            seen[listener.name] = index
-            result.append(listener)
+            seen[name] = index
+            if listener is not None:
+                result.append(listener)
         return tuple(result)
 
+    def duplicate_name(
+        self, item: Item, given: Item | None, path: str, name: str, first: int
+    ) -> None:
+        if given is not None:
+            self.problem(
+                given, f"{path}.name", f"duplicate name {name!r} (also listeners[{first}])"
+            )
+        else:
+            # Unnamed listeners are named after interface, port, device and family, so two
+            # of them with one name would bind the very same socket.
+            self.problem(
+                item,
+                path,
+                f"same default name {name!r} as listeners[{first}]: "
+                "both would bind the same socket",
+            )
+
     def listener(self, item: Item, path: str) -> Listener | None:
-        fields = self.mapping(item, path, _LISTENER_KEYS)
+        fields = self.mapping(item, path, LISTENER_KEYS)
         if fields is None:
             return None
         before = len(self.problems)
@@ -350,7 +406,9 @@ class _Checker:
             )
         else:
             interface_item = fields["interface"]
-            interface = self.typed(interface_item, f"{path}.interface", str, "a string")
+            interface = self.typed(
+                interface_item, f"{path}.interface", str, 'an address, "*" or an interface name'
+            )
             if interface is not None:
                 target = self.target(interface_item, f"{path}.interface", interface)
         family = self.optional(fields, "family", path, lambda i, p: self.choice(i, p, Family))
@@ -369,10 +427,10 @@ class _Checker:
         name = self.optional(fields, "name", path, self.name)
         if port is None or interface is None or target is None or len(self.problems) > before:
             return None
-        if not self.coherent(item, path, target, family, device or ""):
+        if not self.coherent(fields, path, target, family, device or ""):
             return None
-        listener = Listener(
-            name=name or _default_name(interface, port),
+        return Listener(
+            name=name or _default_name(interface, port, target, family, device or ""),
             interface=interface,
             target=target,
             port=port,
@@ -384,7 +442,6 @@ class _Checker:
             line=item.line,
             **{key: value for key, value in flags.items() if value is not None},
         )
-        return listener
 
     # -- listener fields -----------------------------------------------------------------------
 
@@ -403,20 +460,21 @@ class _Checker:
             self.problem(item, path, 'empty: give an address, "*" or an interface name')
             return None
         unbracketed = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-        address_text, _, zone = unbracketed.partition("%")
+        address_part, percent, zone = unbracketed.partition("%")
         try:
-            address = ipaddress.ip_address(address_text)
+            address = ipaddress.ip_address(address_part)
         except ValueError:
-            if _IFNAME.match(text):
+            if _IFNAME.match(text) and not _LOOKS_LIKE_ADDRESS.match(text):
                 return InterfaceName(text)
-            self.problem(item, path, f'{text!r} is not an IP address, "*" or an interface name')
+            self.problem(item, path, _bad_address(text, address_part))
             return None
-        if zone:
+        if percent:
             if address.version != 6 or not address.is_link_local:
                 self.problem(item, path, f"{text!r}: a %zone is only for IPv6 link-local addresses")
                 return None
             if not _IFNAME.match(zone):
-                self.problem(item, path, f"{text!r}: {zone!r} is not an interface name")
+                what = f"{zone!r} is not an interface name" if zone else "no interface after %"
+                self.problem(item, path, f"{text!r}: {what}")
                 return None
         return Literal(address, zone)
 
@@ -464,71 +522,117 @@ class _Checker:
         return value
 
     def coherent(
-        self, item: Item, path: str, target: Target, family: Family | None, device: str
+        self,
+        fields: dict[str, Item],
+        path: str,
+        target: Target,
+        family: Family | None,
+        device: str,
     ) -> bool:
         """Cross-field rules: family vs address, dual-stack only on the wildcard, zones."""
-        message = ""
+        key, message = "", ""
         if isinstance(target, Literal):
             address = target.address
             wildcard6 = address == ipaddress.IPv6Address("::")
             if family is Family.IPV4 and address.version == 6:
-                message = f"family ipv4 does not fit the IPv6 address {address}"
+                key, message = (
+                    "family",
+                    f"family ipv4 does not fit the IPv6 address {address_text(address)}",
+                )
             elif family is Family.IPV6 and address.version == 4:
-                message = f"family ipv6 does not fit the IPv4 address {address}"
+                key, message = (
+                    "family",
+                    f"family ipv6 does not fit the IPv4 address {address_text(address)}",
+                )
             elif family is Family.DUAL and not wildcard6:
-                message = 'family dual is only for the wildcard ("*" or "::")'
+                key, message = "family", 'family dual is only for the wildcard ("*" or "::")'
             elif address.version == 6 and address.is_link_local and not (target.zone or device):
+                key = "interface"
                 message = f"link-local {address} needs a zone ({address}%eth0) or a device"
             elif target.zone and device and target.zone != device:
-                message = f"the zone %{target.zone} and device {device!r} name different interfaces"
+                key = "device"
+                message = f"device {device!r} is not the zone %{target.zone} of the address"
         elif isinstance(target, InterfaceName) and family is Family.DUAL:
-            message = 'family dual is only for the wildcard ("*" or "::")'
+            key, message = "family", 'family dual is only for the wildcard ("*" or "::")'
         if message:
-            self.problem(
-                item, f"{path}.family" if "family" in message else f"{path}.interface", message
-            )
+            self.problem(fields[key], f"{path}.{key}", message)
             return False
         return True
 
     # -- metrics and logging -------------------------------------------------------------------
 
     def metrics(self, item: Item) -> MetricsConfig | None:
-        if item.value is None:
-            return MetricsConfig(())
-        fields = self.mapping(item, "metrics", _METRICS_KEYS)
-        if fields is None or "listen" not in fields:
+        fields = self.mapping(item, "metrics", METRICS_KEYS)
+        if fields is None:
             return None
-        listen = fields["listen"]
+        tls_item = fields.get("tls")
+        tls = None
+        if tls_item is not None and tls_item.value is not None:
+            tls = self.tls(tls_item)
+        listen = fields.get("listen")
+        if listen is None or listen.value is None:
+            return MetricsConfig(DEFAULT_METRICS_LISTEN_ENDPOINTS, tls)
         entries = listen.value if isinstance(listen.value, list) else [listen]
-        if listen.value is None:
-            entries = []
         endpoints: list[Endpoint] = []
         for index, entry in enumerate(entries):
             path = "metrics.listen" if entry is listen else f"metrics.listen[{index}]"
             endpoint = self.endpoint(entry, path)
-            if endpoint is not None:
-                endpoints.append(endpoint)
-        return MetricsConfig(tuple(endpoints))
+            if endpoint is None:
+                continue
+            if endpoint in endpoints:
+                self.problem(entry, path, f"{endpoint} is listed twice")
+                continue
+            endpoints.append(endpoint)
+        return MetricsConfig(tuple(endpoints), tls)
+
+    def tls(self, item: Item) -> MetricsTLS | None:
+        fields = self.mapping(item, "metrics.tls", TLS_KEYS)
+        if fields is None:
+            return None
+        paths: dict[str, str] = {}
+        for key in ("cert", "key", "client_ca"):
+            if key not in fields:
+                if key != "client_ca":
+                    self.problem(item, f"metrics.tls.{key}", "required: an absolute file path")
+                continue
+            path = self.typed(fields[key], f"metrics.tls.{key}", str, "an absolute file path")
+            if path is None:
+                continue
+            # The daemon's working directory is / under systemd: a relative path misleads.
+            if not path.startswith("/"):
+                self.problem(fields[key], f"metrics.tls.{key}", f"{path!r} is not an absolute path")
+                continue
+            paths[key] = path
+        if "cert" not in paths or "key" not in paths:
+            return None
+        return MetricsTLS(paths["cert"], paths["key"], paths.get("client_ca", ""))
 
     def endpoint(self, item: Item, path: str) -> Endpoint | None:
         text = self.typed(item, path, str, 'an address such as "127.0.0.1:9917" or "[::1]:9917"')
         if text is None:
             return None
-        host, separator, port_text = text.strip().rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
+        match = _METRICS_LISTEN.match(text.strip())
+        if match is None:
+            self.problem(item, path, f"{text!r} is not ADDRESS:PORT (IPv6 in brackets: [::1]:9917)")
+            return None
+        host = match.group("v6") if match.group("v6") is not None else match.group("v4")
+        port = int(match.group("port"))
         try:
-            ipaddress.ip_address(host)
-            port = int(port_text)
+            if match.group("v6") is not None:
+                ipaddress.IPv6Address(host)
+            else:
+                ipaddress.IPv4Address(host)
         except ValueError:
-            port = -1
-        if not separator or not 1 <= port <= 65535:
-            self.problem(item, path, f"{text!r} is not ADDRESS:PORT with a literal IP address")
+            kind = "an IPv6" if match.group("v6") is not None else "an IPv4"
+            self.problem(item, path, f"{text!r}: {host!r} is not {kind} address")
+            return None
+        if not 1 <= port <= 65535:
+            self.problem(item, path, f"{text!r}: port {port} is not in 1..65535")
             return None
         return Endpoint(host, port)
 
     def logging(self, item: Item) -> LoggingConfig | None:
-        fields = self.mapping(item, "logging", _LOGGING_KEYS)
+        fields = self.mapping(item, "logging", LOGGING_KEYS)
         if fields is None:
             return None
         level = self.optional(fields, "level", "logging", lambda i, p: self.choice(i, p, LogLevel))
@@ -539,9 +643,34 @@ class _Checker:
 DEFAULT_METRICS_LISTEN_ENDPOINTS = (Endpoint("127.0.0.1", 9917),)
 
 
-def _default_name(interface: str, port: int) -> str:
-    """A listener's default name is its socket name as written: ``127.0.0.1:1060``, ``*:53``."""
+def _bad_address(text: str, address_part: str) -> str:
+    """Why ``text``, which is neither an address nor an interface name, is rejected."""
+    if _LOOKS_LIKE_ADDRESS.match(address_part):
+        kind = ipaddress.IPv6Address if ":" in address_part else ipaddress.IPv4Address
+        try:
+            kind(address_part)
+        except ValueError as error:
+            return f"{text!r} is not a valid address: {error}"
+    return f'{text!r} is not an IP address, "*" or an interface name'
+
+
+def _default_name(
+    interface: str, port: int, target: Target, family: Family | None, device: str
+) -> str:
+    """A listener's default name: its socket name as written, e.g. ``127.0.0.1:1060``.
+
+    The device and, where the address alone does not fix it, the family are added, so two
+    unnamed listeners share a name only when they would bind the same socket: ``*:53%eth0``,
+    ``*:53/ipv6``, ``lo:1060/ipv4``, ``[::]:53/dual``.
+    """
     text = interface.strip()
     if ":" in text and not text.startswith("["):
         text = f"[{text}]"
-    return f"{text}:{port}"
+    name = f"{text}:{port}"
+    zoned = isinstance(target, Literal) and target.zone
+    if device and not zoned:
+        name += f"%{device}"
+    specific = isinstance(target, Literal) and target.address != ipaddress.IPv6Address("::")
+    if family is not None and not specific:
+        name += f"/{family.value}"
+    return name

@@ -8,23 +8,30 @@ dispatched from an explicit table.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import random
 import selectors
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
+from udpbindd.activation import Inherited
 from udpbindd.clash import Clash
-from udpbindd.config import Config, Listener
+from udpbindd.config import Config, ConfigError, Listener
 from udpbindd.expand import Binding
+from udpbindd.metrics import Down, Snapshot
 from udpbindd.names import SocketName
+from udpbindd.plan import Plan, close_order, diff
 from udpbindd.respond import RESPONDERS, Reply
-from udpbindd.sockets import BindError, Options, open_udp
+from udpbindd.sockets import BindError, Options, kernel_drops, open_udp, set_receive_buffer
 from udpbindd.stats import Stats
 from udpbindd.survey import Survey
+from udpbindd.survey import survey as survey_host
 from udpbindd.systemd import Notifier, watchdog_interval
 
 log = structlog.get_logger("udpbindd")
@@ -49,6 +56,10 @@ class Served:
     def __post_init__(self) -> None:
         self.configure(self.binding)
 
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel discarded on this socket (its receive queue was full)."""
+        return kernel_drops(self.sock)
+
     def configure(self, binding: Binding) -> None:
         """Take the per-packet settings (responder, drop rate) of ``binding``."""
         self.binding = binding
@@ -56,26 +67,30 @@ class Served:
         self.drop_rate = binding.listener.drop_rate
 
     def drain(self, buffer: bytearray, view: memoryview, budget: int = DRAIN_BUDGET) -> int:
-        """Read and answer up to ``budget`` datagrams; return how many were read."""
+        """Read and answer up to ``budget`` datagrams; return how many receives were made.
+
+        Bounded so that one flooded socket cannot starve the others: the selector is
+        level-triggered, so the loop comes back for the rest on its next pass.
+        """
         sock, stats, reply, drop_rate = self.sock, self.stats, self.reply, self.drop_rate
-        chance = random.random
+        chance = random.random  # simulated loss needs no cryptographic randomness
         count = 0
         while count < budget:
-            # Errors count against the budget too, so nothing can keep one socket in this loop.
-            count += 1
             try:
                 n, peer = sock.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
-                count -= 1
                 break
             except OSError:
                 # A pending socket error (the asynchronous result of an earlier send) is
-                # reported once by the next receive; it is no datagram.
+                # reported once by the next receive. It counts against the budget too, so
+                # nothing can hold the loop on one socket.
+                count += 1
                 stats.send_errors += 1
                 continue
+            count += 1
             stats.received_packets += 1
             stats.received_bytes += n
-            if drop_rate and chance() < drop_rate:  # noqa: S311 - simulated loss, not crypto
+            if drop_rate and chance() < drop_rate:
                 stats.dropped_simulated += 1
                 continue
             data = reply(view, n)
@@ -125,21 +140,52 @@ def options_of(binding: Binding) -> Options:
     return Options(listener.reuse_port, listener.freebind, listener.recv_buffer)
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one ``apply`` did: the plan, every failure, and whether it was undone."""
+
+    plan: Plan
+    failures: tuple[Failure, ...]
+    rolled_back: bool
+
+    @property
+    def required_failures(self) -> list[Failure]:
+        return [failure for failure in self.failures if failure.required]
+
+
+Binder = Callable[[Binding], tuple[socket.socket, int]]
+Surveyor = Callable[..., Survey]
+
+
 class Daemon:
-    """Owns the selector, the wake-up socketpair and every serving socket."""
+    """Owns the selector, the wake-up socketpair and every serving socket.
+
+    Startup and reload are the same transaction (``apply``): from the empty set at start,
+    from the serving set on SIGHUP.
+    """
 
     def __init__(
         self,
         config: Config,
         *,
         notifier: Notifier | None = None,
-        bind: Callable[[Binding], tuple[socket.socket, int]] | None = None,
+        bind: Binder | None = None,
+        loader: Callable[[], Config] | None = None,
+        inherited: list[Inherited] | None = None,
+        surveyor: Surveyor = survey_host,
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier({})
         self.served: dict[SocketName, Served] = {}
         self.failures: list[Failure] = []
+        self.reload_ok = True
+        self.reload_timestamp = 0.0
         self._bind = bind or (lambda b: open_udp(b.name, options_of(b)))
+        self._loader = loader
+        self._inherited = list(inherited or [])
+        self._activated = inherited is not None and bool(inherited)
+        self._survey = surveyor
+        self._published: tuple[Served, ...] = ()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -154,36 +200,249 @@ class Daemon:
             signal.SIGHUP: self.reload,
         }
 
-    # -- setup ---------------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------------
 
     @property
     def wake_fd(self) -> int:
         """The fd for ``signal.set_wakeup_fd``: each signal number arrives as one byte."""
         return self._wake_w.fileno()
 
+    def own_inodes(self) -> set[int]:
+        """Inodes of the sockets udpbindd holds (serving or inherited): never foreign."""
+        socks = [served.sock for served in self.served.values()]
+        socks += [item.sock for item in self._inherited]
+        return {os.fstat(sock.fileno()).st_ino for sock in socks}
+
+    def snapshot(self) -> Snapshot:
+        """What a scrape reports; safe to call from the metrics thread (reads one reference)."""
+        return Snapshot(
+            bound=self._published,
+            down=tuple(Down(f.listener.name, f.socket) for f in self.failures),
+            reload_ok=self.reload_ok,
+            reload_timestamp=self.reload_timestamp,
+        )
+
+    def status_text(self) -> str:
+        return f"{len(self.served)} bound, 0 waiting, {len(self.failures)} failed"
+
+    def _publish(self) -> None:
+        # One reference swap: the metrics thread never sees a dict being changed.
+        self._published = tuple(self.served.values())
+
+    # -- start and reload ----------------------------------------------------------------------
+
     def start(self, survey: Survey) -> None:
-        """Bind every binding of ``survey`` that does not clash.
+        """Bind every binding of ``survey`` that does not clash (a reload from the empty set).
+
+        Nothing is bound when the survey already shows that a required listener cannot be
+        served. Failures of listeners with ``required: false`` are logged and the rest are
+        served; required failures are left to the caller, which reports them.
 
         Raises:
             StartFailed: a required listener could not be bound (nothing is left open).
         """
+        outcome = self.apply(survey)
+        self._log_failures(outcome, only_optional=True)
+        self._adopt_leftovers()
+        if outcome.rolled_back:
+            self.close()
+            raise StartFailed(outcome.required_failures)
+        self.failures = list(outcome.failures)
+        self.reload_ok, self.reload_timestamp = True, time.time()
+
+    def apply(self, survey: Survey) -> Outcome:
+        """Move from the serving set to the one ``survey`` describes, as one transaction.
+
+        Kept sockets are untouched; relabelled ones change per-packet settings only. A new
+        socket whose name overlaps an old one being closed is bound right after closing it;
+        other old sockets close once the new set is bound. If a required binding fails, the
+        previous set is restored (what was closed is bound again) and nothing else changes.
+        """
         clashes = {clash.binding: clash for clash in survey.clashes}
         failures = [
-            Failure(
-                item.listener, f"{item.listener.interface} port {item.listener.port}", item.reason
-            )
-            for item in survey.expansion.unresolved
+            Failure(u.listener, f"{u.listener.interface} port {u.listener.port}", u.reason)
+            for u in survey.expansion.unresolved
         ]
-        for binding in survey.expansion.bindings:
-            clash = clashes.get(binding)
-            if clash is not None:
-                failures.append(_clash_failure(clash))
-                continue
-            failure = self.add(binding)
+        failures += [_clash_failure(clash) for clash in survey.clashes]
+        wanted = [b for b in survey.expansion.bindings if b not in clashes]
+        plan = diff({name: s.binding for name, s in self.served.items()}, wanted)
+        if any(failure.required for failure in failures):
+            # Refuse before touching anything: a change bound to fail must not take ports
+            # from other processes, or close serving sockets, even for a moment.
+            return Outcome(plan, tuple(failures), rolled_back=True)
+        closes = [self.served[name].binding for name in plan.closes]
+        closed: dict[SocketName, Served] = {}
+        opened: dict[SocketName, Served] = {}
+        for binding, first in close_order(plan.opens, closes, os.geteuid()):
+            for name in first:
+                closed[name] = self._detach(name)
+            served, failure = self._open(binding)
             if failure is not None:
                 failures.append(failure)
-        self.failures = failures
-        for failure in failures:
+                if failure.required:
+                    self._rollback(opened, closed)
+                    return Outcome(plan, tuple(failures), rolled_back=True)
+            elif served is not None:
+                opened[binding.name] = served
+        for name in plan.closes:
+            if name not in closed:
+                closed[name] = self._detach(name)
+        for binding in plan.relabel:
+            self.served[binding.name].configure(binding)
+        for name, served in opened.items():
+            old = closed.get(name)
+            if old is not None:
+                served.stats = old.stats  # a re-bound socket name keeps counting on
+            self.served[name] = served
+        for name in plan.remove:
+            log.info("listener_closed", socket=str(name))
+        self._publish()
+        return Outcome(plan, tuple(failures), rolled_back=False)
+
+    def _open(self, binding: Binding) -> tuple[Served | None, Failure | None]:
+        """Bind (or adopt) one socket and register it; a failure is returned, not raised."""
+        adopted = self._take_inherited(binding)
+        try:
+            sock, granted = adopted if adopted is not None else self._bind(binding)
+        except BindError as error:
+            reason = error.meaning
+            if error.errno == errno.EADDRINUSE:
+                # The survey found no clash, so another socket appeared since: name its holder.
+                reason = self._holder_of(binding) or reason
+            return None, Failure(binding.listener, str(binding.name), reason, error.errno_name)
+        served = Served(binding, sock, granted)
+        self._selector.register(sock, selectors.EVENT_READ, served)
+        log.info(
+            "listener_bound",
+            listener=binding.listener.name,
+            socket=str(binding.name),
+            responder=binding.listener.responder.value,
+            recv_buffer=granted,
+            inherited=adopted is not None,
+        )
+        return served, None
+
+    def _detach(self, name: SocketName) -> Served:
+        served = self.served.pop(name)
+        self._selector.unregister(served.sock)
+        served.sock.close()
+        return served
+
+    def _rollback(self, opened: dict[SocketName, Served], closed: dict[SocketName, Served]) -> None:
+        """Undo a failed transaction: close what it opened, bind again what it closed."""
+        for served in opened.values():
+            self._selector.unregister(served.sock)
+            served.sock.close()
+        for name, old in closed.items():
+            restored, failure = self._open(old.binding)
+            if restored is None:
+                log.error("rollback_rebind_failed", socket=str(name), error=str(failure))
+                continue
+            restored.stats = old.stats
+            self.served[name] = restored
+        self._publish()
+
+    def _take_inherited(self, binding: Binding) -> tuple[socket.socket, int] | None:
+        """An inherited socket bound to exactly this socket name, named for its listener first."""
+        matches = [item for item in self._inherited if item.name == binding.name]
+        if not matches:
+            if self._activated:
+                log.info(
+                    "listener_not_inherited",
+                    listener=binding.listener.name,
+                    socket=str(binding.name),
+                    detail="no passed socket has this name; binding it",
+                )
+            return None
+        matches.sort(key=lambda item: item.fdname != binding.listener.name)
+        item = matches[0]
+        self._inherited.remove(item)
+        if item.fdname and item.fdname != binding.listener.name:
+            log.warning(
+                "inherited_name_mismatch",
+                fdname=item.fdname,
+                listener=binding.listener.name,
+                socket=str(binding.name),
+            )
+        return item.sock, set_receive_buffer(item.sock, binding.listener.recv_buffer)
+
+    def _adopt_leftovers(self) -> None:
+        """Passed sockets that match no listener are reported and closed."""
+        for item in self._inherited:
+            log.warning(
+                "inherited_unmatched",
+                fdname=item.fdname,
+                socket=str(item.name),
+                detail="no listener wants this socket name; closing it",
+            )
+            item.sock.close()
+        self._inherited.clear()
+
+    def _holder_of(self, binding: Binding) -> str:
+        """Explain an EADDRINUSE from bind() by the socket that now holds the name, if found."""
+        try:
+            fresh = self._survey([binding.listener], exclude_inodes=self.own_inodes())
+        except OSError:
+            return ""
+        for clash in fresh.clashes:
+            if clash.binding.name == binding.name:
+                return _clash_failure(clash).reason
+        return ""
+
+    def reload(self) -> None:
+        """Re-read the configuration and apply it; any failure leaves the serving set as it was."""
+        self.notifier.reloading()
+        log.info("reload_started")
+        if self._loader is None:
+            self._reload_failed("no configuration file to read again")
+            return
+        try:
+            config = self._loader()
+        except ConfigError as error:
+            problems = error.problems
+        else:
+            problems = ()
+        if problems:
+            for problem in problems:
+                log.error("config_problem", problem=str(problem))
+            self._reload_failed(f"invalid configuration: {problems[0]}")
+            return
+        try:
+            survey = self._survey(config.enabled_listeners, exclude_inodes=self.own_inodes())
+        except OSError as error:
+            self._reload_failed(f"cannot read the host's sockets: {error}")
+            return
+        outcome = self.apply(survey)
+        self._log_failures(outcome, only_optional=not outcome.rolled_back)
+        if outcome.rolled_back:
+            self._reload_failed(str(outcome.required_failures[0]))
+            return
+        if config.metrics != self.config.metrics:
+            log.warning("metrics_listen_unchanged", detail="metrics.listen applies at restart")
+        self.config = config
+        self.failures = list(outcome.failures)
+        self.reload_ok, self.reload_timestamp = True, time.time()
+        plan = outcome.plan
+        log.info(
+            "reload_finished",
+            added=len(plan.add),
+            removed=len(plan.remove),
+            kept=len(plan.keep),
+            rebound=len(plan.rebind),
+            relabelled=len(plan.relabel),
+            failed=len(outcome.failures),
+        )
+        self.notifier.ready(self.status_text())
+
+    def _reload_failed(self, reason: str) -> None:
+        self.reload_ok = False
+        log.error("reload_failed", reason=reason, serving=len(self.served))
+        self.notifier.ready(f"reload failed, still serving the previous set: {reason}"[:400])
+
+    def _log_failures(self, outcome: Outcome, *, only_optional: bool) -> None:
+        for failure in outcome.failures:
+            if only_optional and failure.required:
+                continue
             log.error(
                 "bind_failed" if failure.errno_name else "listener_unavailable",
                 listener=failure.listener.name,
@@ -192,40 +451,8 @@ class Daemon:
                 errno=failure.errno_name or None,
                 error=failure.reason,
             )
-        required = [failure for failure in failures if failure.required]
-        if required:
-            self.close()
-            raise StartFailed(required)
-
-    def add(self, binding: Binding) -> Failure | None:
-        """Bind one binding and register it in the loop; a failure is returned, not raised."""
-        try:
-            sock, granted = self._bind(binding)
-        except BindError as error:
-            return Failure(binding.listener, str(binding.name), error.meaning, error.errno_name)
-        served = Served(binding, sock, granted)
-        self.served[binding.name] = served
-        self._selector.register(sock, selectors.EVENT_READ, served)
-        log.info(
-            "listener_bound",
-            listener=binding.listener.name,
-            socket=str(binding.name),
-            responder=binding.listener.responder.value,
-            recv_buffer=granted,
-        )
-        return None
-
-    def remove(self, name: SocketName) -> None:
-        served = self.served.pop(name)
-        self._selector.unregister(served.sock)
-        served.sock.close()
-
-    def status_text(self) -> str:
-        failed = len(self.failures)
-        return f"{len(self.served)} bound, 0 waiting, {failed} failed"
 
     # -- the loop ------------------------------------------------------------------------------
-
     def run(self) -> None:
         """Serve until stopped. Returns after every socket is closed."""
         self._running = True
@@ -234,17 +461,25 @@ class Daemon:
         log.info("started", bound=len(self.served), failed=len(self.failures))
         select = self._selector.select
         buffer, view = self._buffer, self._view
+        timeout: float | None = None
+        next_ping = 0.0
         try:
             while self._running:
-                for key, _ in select(interval):
+                if interval is not None:
+                    # Pinged from the loop itself, so a stuck loop stops the pings; at most once
+                    # per interval, however busy the sockets keep the loop.
+                    now = time.monotonic()
+                    if now >= next_ping:
+                        self.notifier.watchdog()
+                        next_ping = now + interval
+                    timeout = next_ping - now
+                for key, _ in select(timeout):
                     served = key.data
                     if served is None:
                         self._wakeup()
-                    else:
-                        served.drain(buffer, view)
-                if interval is not None:
-                    # Pinged from the loop itself, so a stuck loop stops the pings.
-                    self.notifier.watchdog()
+                        # A reload may have closed sockets of this batch: select again.
+                        break
+                    served.drain(buffer, view)
         finally:
             self.notifier.stopping()
             self.close()
@@ -270,12 +505,10 @@ class Daemon:
         log.info("stopping")
         self._running = False
 
-    def reload(self) -> None:
-        log.warning("reload_unsupported", detail="restart udpbindd to apply a changed file")
-
     def close(self) -> None:
         for name in list(self.served):
-            self.remove(name)
+            self._detach(name)
+        self._publish()
 
     def shutdown(self) -> None:
         """Release the selector and the wake-up pair (after ``run`` or a failed ``start``)."""
@@ -283,6 +516,7 @@ class Daemon:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+        self.notifier.close()
 
 
 def _clash_failure(clash: Clash) -> Failure:

@@ -27,7 +27,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from udpbindd import __version__
-from udpbindd.config import Endpoint
+from udpbindd.config import Endpoint, MetricsTLS
 from udpbindd.expand import Binding
 from udpbindd.names import address_text
 from udpbindd.stats import Stats
@@ -67,7 +67,7 @@ class Snapshot:
     reload_timestamp: float = 0.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # registries keep collectors in sets: hash by identity
 class UdpbinddCollector:
     """Converts a ``Snapshot`` into metric families; registered in a dedicated registry."""
 
@@ -172,22 +172,22 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
-@dataclass(frozen=True, slots=True)
-class TLS:
-    """Serve /metrics over HTTPS; with ``client_ca``, require client certificates (mTLS)."""
+class MetricsError(Exception):
+    """The metrics endpoint could not be served; the message says where and why."""
 
-    cert: str
-    key: str
-    client_ca: str = ""
 
-    def context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert, self.key)
-        if self.client_ca:
-            context.load_verify_locations(cafile=self.client_ca)
+def tls_context(tls: MetricsTLS) -> ssl.SSLContext:
+    """A server context: TLS 1.2 or newer; with ``client_ca``, client certificates required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.client_ca:
+            context.load_verify_locations(cafile=tls.client_ca)
             context.verify_mode = ssl.CERT_REQUIRED
-        return context
+    except (OSError, ssl.SSLError) as error:
+        raise MetricsError(f"cannot load the metrics TLS files: {error}") from None
+    return context
 
 
 class MetricsServer:
@@ -198,15 +198,22 @@ class MetricsServer:
         self._servers: list[ThreadingWSGIServer] = []
         self._threads: list[threading.Thread] = []
 
-    def start(self, endpoints: Sequence[Endpoint], tls: TLS | None = None) -> None:
-        """Bind every endpoint, then serve. Raises OSError (closing what was opened) on failure."""
-        context = tls.context() if tls is not None else None
-        try:
-            for endpoint in endpoints:
+    def start(self, endpoints: Sequence[Endpoint], tls: MetricsTLS | None = None) -> None:
+        """Bind every endpoint, then serve.
+
+        Raises:
+            MetricsError: an endpoint could not be bound or the TLS files loaded; whatever
+                was opened is closed again.
+        """
+        context = tls_context(tls) if tls is not None else None
+        for endpoint in endpoints:
+            try:
                 self._servers.append(self._bind(endpoint, context))
-        except OSError:
-            self.stop()
-            raise
+            except OSError as error:
+                self.stop()
+                raise MetricsError(
+                    f"cannot serve metrics on {endpoint}: {error.strerror or error}"
+                ) from None
         for server in self._servers:
             thread = threading.Thread(
                 target=server.serve_forever, name="udpbindd-metrics", daemon=True

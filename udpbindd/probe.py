@@ -7,6 +7,7 @@ as a slow server. Connecting the socket lets the kernel report "port unreachable
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 FIRST_WAIT = 0.1
@@ -30,8 +31,18 @@ def _format(address: tuple[object, ...]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def probe(host: str, port: int, message: bytes, max_wait: float = 2.0) -> ProbeResult:
+def probe(
+    host: str,
+    port: int,
+    message: bytes,
+    max_wait: float = 2.0,
+    *,
+    on_connected: Callable[[str], None] | None = None,
+) -> ProbeResult:
     """Send ``message`` to host:port and return the first reply.
+
+    ``on_connected`` is given the client's socket name before the first send, so a caller can
+    show it while the probe is still waiting.
 
     Raises:
         ProbeFailed: the host could not be resolved, the port was refused, or nothing answered
@@ -49,6 +60,8 @@ def probe(host: str, port: int, message: bytes, max_wait: float = 2.0) -> ProbeR
         except OSError as error:
             raise ProbeFailed(f"cannot reach {server}: {error.strerror}") from None
         client = _format(sock.getsockname())
+        if on_connected is not None:
+            on_connected(client)
         wait, attempts = FIRST_WAIT, 0
         while True:
             attempts += 1
@@ -72,3 +85,19 @@ def probe(host: str, port: int, message: bytes, max_wait: float = 2.0) -> ProbeR
             except OSError as error:
                 raise ProbeFailed(f"{server}: {error.strerror}") from None
             return ProbeResult(client, server, reply, attempts)
+
+
+def printable(data: bytes) -> str:
+    """A reply as text that is safe to print: UTF-8 as is, anything else escaped.
+
+    Control characters are escaped too, so a reply cannot drive the user's terminal.
+    """
+    text = data.decode("utf-8", errors="backslashreplace")
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"

@@ -11,7 +11,7 @@ from typing import Any
 from udpbindd.clash import Clash
 from udpbindd.expand import Binding
 from udpbindd.host import HeldSocket
-from udpbindd.names import label
+from udpbindd.names import address_text, label
 from udpbindd.survey import Survey
 
 
@@ -27,7 +27,7 @@ def _row(binding: Binding, clash: Clash | None) -> dict[str, Any]:
     return {
         "listener": listener.name,
         "socket": label(name),
-        "address": str(name.address),
+        "address": address_text(name.address),
         "port": name.port,
         "family": _family(binding),
         "v6only": name.v6only if name.family == 6 else None,
@@ -105,8 +105,18 @@ def as_text(survey: Survey, source: str) -> str:
         lines.append("")
         lines.append("note: sockets held by other processes were not checked (--no-host)")
     lines.append("")
-    lines.append("ok: no clashes" if ok(survey) else f"{len(survey.clashes)} clash(es) found")
+    lines.append(_verdict(survey))
     return "\n".join(lines) + "\n"
+
+
+def _verdict(survey: Survey) -> str:
+    if ok(survey):
+        return "ok: no clashes"
+    missing = sum(1 for u in survey.expansion.unresolved if u.listener.required)
+    found = [f"{len(survey.clashes)} clash(es) found"] if survey.clashes else []
+    if missing:
+        found.append(f"{missing} required listener(s) with no socket to bind")
+    return "; ".join(found)
 
 
 def ok(survey: Survey) -> bool:

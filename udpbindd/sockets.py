@@ -21,6 +21,7 @@ SO_RCVBUFFORCE = 33
 SO_MEMINFO = 55
 _SK_MEMINFO_DROPS = 8  # index of SK_MEMINFO_DROPS in the SO_MEMINFO u32 array
 _MEMINFO_WORDS = 9
+_INT_MAX = 2**31 - 1
 
 _MEANINGS = {
     errno.EADDRINUSE: "address already in use: another socket already covers this socket name",
@@ -111,9 +112,11 @@ def set_receive_buffer(sock: socket.socket, requested: int) -> int:
     lifts the cap, so it is tried when the plain request fell short.
     """
     if requested > 0:
+        # The kernel doubles the request for its bookkeeping and reports the doubled value, so
+        # a request granted in full reads back as twice its size (capped at INT_MAX / 2 first).
+        in_full = 2 * min(requested, _INT_MAX // 2)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, requested)
-        # The kernel doubles the request for its bookkeeping and reports the doubled value.
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < requested:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < in_full:
             # Without CAP_NET_ADMIN the grant stays what SO_RCVBUF gave; callers report it.
             with contextlib.suppress(PermissionError):
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, requested)

@@ -21,6 +21,12 @@ class Notifier:
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
 
+    def close(self) -> None:
+        """Close the notification socket (sdnotify never does)."""
+        if self._notifier is not None:
+            self._notifier.socket.close()
+            self._notifier = None
+
     def send(self, *fields: str) -> None:
         if self._notifier is not None:
             self._notifier.notify("\n".join(fields))
