@@ -10,7 +10,8 @@ Protocol: one JSON request per stdin line, one JSON reply per stdout line (see t
   ``{"device": "vb0" or "", "v6only": bool or null, "uid": int}``.
   A spec is ``{"family": 4 or 6, "address": "fe80::1%vb0", "port": 20000, "v6only": false,
   "device": "", "reuse_addr": false, "reuse_port": false, "uid": 0}``; only family, address and
-  port are required.
+  port are required. An entry ``{"close": i}`` instead closes the socket of entry ``i`` of the
+  same list; its result is ``"closed"``, or ``"not-open"`` if that socket did not bind.
 - ``{"sysctl": "net/ipv4/udp_hash_entries"}`` replies ``{"value": "16384"}`` (the namespace's view).
 
 A request the worker cannot understand gets ``{"error": "..."}`` rather than silence.
@@ -79,7 +80,7 @@ def _details(sock: socket.socket) -> dict[str, Any]:
     }
 
 
-def _bind_one(spec: dict[str, Any], held: list[socket.socket]) -> tuple[str, Any]:
+def _bind_one(spec: dict[str, Any]) -> tuple[socket.socket | None, str]:
     family = socket.AF_INET6 if spec["family"] == 6 else socket.AF_INET
     sock = _socket_owned_by(int(spec.get("uid", 0)), family)
     try:
@@ -96,24 +97,32 @@ def _bind_one(spec: dict[str, Any], held: list[socket.socket]) -> tuple[str, Any
     except OSError as exc:
         sock.close()
         if exc.errno is None:
-            return type(exc).__name__, None
-        return errno.errorcode.get(exc.errno, str(exc.errno)), None
-    held.append(sock)
-    return "ok", _details(sock)
+            return None, type(exc).__name__
+        return None, errno.errorcode.get(exc.errno, str(exc.errno))
+    return sock, "ok"
 
 
 def run_case(specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Bind the sockets in order, keep the bound ones open until the end, then close all."""
-    held: list[socket.socket] = []
+    held: dict[int, socket.socket] = {}
     results: list[str] = []
     details: list[Any] = []
     try:
-        for spec in specs:
-            result, detail = _bind_one(spec, held)
+        for index, spec in enumerate(specs):
+            if "close" in spec:
+                sock = held.pop(int(spec["close"]), None)
+                results.append("not-open" if sock is None else "closed")
+                details.append(None)
+                if sock is not None:
+                    sock.close()
+                continue
+            sock, result = _bind_one(spec)
+            if sock is not None:
+                held[index] = sock
             results.append(result)
-            details.append(detail)
+            details.append(None if sock is None else _details(sock))
     finally:
-        for sock in held:
+        for sock in held.values():
             sock.close()
     return {"results": results, "details": details}
 

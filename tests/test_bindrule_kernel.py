@@ -73,15 +73,25 @@ class Kernel:
         """A base port; the case may also use base + 1 and base + hash_entries."""
         return next(self._ports)
 
-    def bind(self, socks: Sequence[Sock]) -> list[str]:
-        reply = self.worker.request([request(s) for s in socks])
+    def bind(self, events: Sequence[Sock | Close]) -> list[str]:
+        """Bind (or close) in order in the namespace; the kernel's result for each event."""
+        reply = self.worker.request([request(event) for event in events])
         assert "error" not in reply, reply["error"]
         results: list[str] = reply["results"]
         return results
 
 
-def request(s: Sock) -> dict[str, object]:
+@dataclasses.dataclass(frozen=True)
+class Close:
+    """Close the socket of event ``index`` of the same case (if it bound)."""
+
+    index: int
+
+
+def request(s: Sock | Close) -> dict[str, object]:
     """The worker's spec for a Sock: the address keeps its zone, the device is SO_BINDTODEVICE."""
+    if isinstance(s, Close):
+        return {"close": s.index}
     name = s.name
     return {
         "family": name.address.version,
@@ -105,16 +115,25 @@ def key(s: Sock) -> str:
     return text + (f"@{s.uid}" if s.uid else "")
 
 
-def predict(socks: Sequence[Sock], table: PortTable) -> list[str]:
-    """The model's answer for binding ``socks`` in order into ``table``."""
+def predict(events: Sequence[Sock | Close], table: PortTable) -> list[str]:
+    """The model's answer for binding (or closing) ``events`` in order into ``table``."""
     results = []
-    for s in socks:
+    bound: dict[int, Sock] = {}
+    for index, event in enumerate(events):
+        if isinstance(event, Close):
+            target = bound.pop(event.index, None)
+            if target is not None:
+                table.remove(target)
+            results.append("not-open" if target is None else "closed")
+            continue
         try:
-            refused_by = table.bind(s)
+            refused_by = table.bind(event)
         except InvalidBind:
             results.append("EINVAL")
-        else:
-            results.append("ok" if refused_by is None else "EADDRINUSE")
+            continue
+        if refused_by is None:
+            bound[index] = event
+        results.append("ok" if refused_by is None else "EADDRINUSE")
     return results
 
 
@@ -241,6 +260,44 @@ def test_model_matches_kernel(kernel: Kernel) -> None:
     assert stats["EADDRINUSE"] > 1000
     assert stats["EINVAL"] > 50
     assert stats["cases only the ordered rule gets right"] > 10
+
+
+@st.composite
+def cases_with_closes(draw: st.DrawFn) -> list[Sock | Close]:
+    """A case with some of its sockets closed along the way, each after it was bound."""
+    events: list[Sock | Close] = []
+    for s in draw(cases()):
+        events.append(s)
+        if len(events) > 1 and draw(st.integers(0, 2)) == 0:
+            events.append(Close(draw(st.integers(0, len(events) - 1))))
+    return events
+
+
+def test_model_matches_kernel_when_sockets_close(kernel: Kernel) -> None:
+    """PortTable.remove against close(): the rest of the hash chain keeps its order."""
+    stats: Counter[str] = Counter()
+
+    @settings(
+        max_examples=EXAMPLES // 2,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(case=cases_with_closes())
+    def check(case: list[Sock | Close]) -> None:
+        base = kernel.fresh_port()
+        placed = [e if isinstance(e, Close) else at_port(e, base) for e in case]
+        expected = predict(placed, PortTable(kernel.hash_entries))
+        actual = kernel.bind(placed)
+        labels = [f"close #{e.index}" if isinstance(e, Close) else key(e) for e in placed]
+        assert actual == expected, f"{labels}: kernel {actual}, model {expected}"
+        stats["cases"] += 1
+        stats.update(actual)
+
+    check()
+    print(f"\nmodel agreed with the kernel on every bind and close: {dict(stats)}")
+    assert stats["closed"] > 100
 
 
 FILLER_COUNTS = (0, 6, 7, 8, 9, 10, 11)
