@@ -26,40 +26,66 @@ import socket
 import sys
 from typing import Any
 
-# Bounds the wait for a forked child to hand over its socket.
+# Bounds every wait for a socket factory child to answer.
 CHILD_TIMEOUT = 5.0
 
 
-def _socket_owned_by(uid: int, family: int) -> socket.socket:
-    """A UDP socket whose owner uid (sk_uid, fixed at socket() time) is ``uid``.
+class _Factory:
+    """A forked child running as another uid that creates UDP sockets and passes them back.
 
-    SO_REUSEPORT compares the creators' uids, not the binder's, so a socket for another uid is
-    created by a forked child running as that uid and passed back over a socketpair.
+    SO_REUSEPORT compares the sockets' owners, and the owner (sk_uid) is fixed at socket() time,
+    not at bind(): so a socket for another uid must be created by a process running as that uid.
+    The worker still sets the options and binds. One child per uid lives as long as the worker,
+    because a fork per socket would dominate the run time; it exits when its channel closes.
     """
-    if uid == os.geteuid():
-        return socket.socket(family, socket.SOCK_DGRAM)
-    ours, theirs = socket.socketpair()
-    with ours:
+
+    def __init__(self, uid: int) -> None:
+        # SOCK_SEQPACKET keeps one request per message.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
+        if pid == 0:  # the child; it never returns
             code = 1
             try:
-                ours.close()
+                # Drop every inherited descriptor (stdin, stdout, the case's bound sockets):
+                # a copy held here would keep a "closed" socket bound.
+                keep = theirs.fileno()
+                os.closerange(0, keep)
+                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
                 os.setresuid(uid, uid, uid)
-                made = socket.socket(family, socket.SOCK_DGRAM)
-                socket.send_fds(theirs, [b"s"], [made.fileno()])
+                while request := theirs.recv(16):
+                    with socket.socket(int(request), socket.SOCK_DGRAM) as made:
+                        socket.send_fds(theirs, [b"s"], [made.fileno()])
                 code = 0
             finally:
                 os._exit(code)
         theirs.close()
-        try:
-            ours.settimeout(CHILD_TIMEOUT)
-            _, fds, _, _ = socket.recv_fds(ours, 16, 1)
-        finally:
-            os.waitpid(pid, 0)
-    if len(fds) != 1:
-        raise RuntimeError(f"child for uid {uid} passed no socket")
-    return socket.socket(fileno=fds[0])
+        ours.settimeout(CHILD_TIMEOUT)
+        self.uid = uid
+        self.pid = pid
+        self._channel = ours
+
+    def socket(self, family: int) -> socket.socket:
+        self._channel.send(str(int(family)).encode())
+        _, fds, _, _ = socket.recv_fds(self._channel, 16, 1)
+        if len(fds) != 1:
+            raise RuntimeError(f"the socket factory for uid {self.uid} passed no socket")
+        return socket.socket(fileno=fds[0])
+
+    def close(self) -> None:
+        self._channel.close()  # the child sees EOF and exits
+        os.waitpid(self.pid, 0)
+
+
+_factories: dict[int, _Factory] = {}
+
+
+def _socket_owned_by(uid: int, family: int) -> socket.socket:
+    """A UDP socket whose owner uid (sk_uid) is ``uid``."""
+    if uid == os.geteuid():
+        return socket.socket(family, socket.SOCK_DGRAM)
+    if uid not in _factories:
+        _factories[uid] = _Factory(uid)
+    return _factories[uid].socket(family)
 
 
 def _sockaddr(family: int, address: str, port: int) -> tuple[Any, ...]:
@@ -138,13 +164,17 @@ def handle(request: Any) -> dict[str, Any]:
 
 
 def main() -> int:
-    for line in sys.stdin:
-        try:
-            reply = handle(json.loads(line))
-        except Exception as exc:  # every failure is reported, never swallowed
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+    try:
+        for line in sys.stdin:
+            try:
+                reply = handle(json.loads(line))
+            except Exception as exc:  # every failure is reported, never swallowed
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+    finally:
+        for factory in _factories.values():
+            factory.close()
     return 0
 
 

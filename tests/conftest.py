@@ -27,10 +27,8 @@ def require(condition: bool, reason: str) -> None:
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}", f"/sbin/{name}") if os.path.exists(p)),
-        None,
-    )
+    candidates = (f"/usr/sbin/{name}", f"/usr/bin/{name}", f"/sbin/{name}")
+    path = shutil.which(name) or next((p for p in candidates if os.path.exists(p)), None)
     require(path is not None, f"{name} is not installed")
     assert path is not None
     return path

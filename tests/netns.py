@@ -1,7 +1,8 @@
 """Private network namespaces and in-namespace worker processes, for tests that need a kernel.
 
-This is a helper module, not a test file. Everything it creates it also removes: namespaces by
-the unique name it gave them (their interfaces go with them), worker processes by pid.
+This is a helper module, not a test file; import it as ``from netns import ...`` (tests/ is on
+sys.path). Everything it creates it also removes: namespaces by the unique name it gave them
+(their interfaces go with them), worker processes by pid.
 
 API
 ---
@@ -21,13 +22,20 @@ API
     Creates a namespace named ``<prefix>-<pid>-<n>``, brings ``lo`` up, adds the veths and
     yields the name. On exit it deletes the namespace, even when the body or the setup failed.
 
+``ip(*args) -> str``
+    Runs ``ip ARGS`` with a bounded timeout and returns its stdout; raises RuntimeError with
+    ip's stderr when it fails. Use ``ip("-n", ns, ...)`` to act inside a namespace.
+
 ``Worker(ns, script, *, timeout=10.0)``
     A long-lived Python process (``sys.executable script``) started inside namespace ``ns``
     with ``ip netns exec``. ``request(obj)`` writes ``obj`` as one JSON line to its stdin and
     returns the next JSON line from its stdout, decoded; it raises ``WorkerError`` (with the
     worker's stderr) if no line arrives within ``timeout`` seconds or the worker exits.
     ``close()`` (also called on leaving its ``with`` block) closes stdin, waits a bounded time
-    for the worker to exit, kills it by pid if it has not, and closes every pipe.
+    for the worker to exit, kills it by pid if it has not, and closes every pipe. ``pid`` is
+    the worker's pid (``ip netns exec`` execs the script, so it is the Python process itself);
+    ``stderr()`` returns what it wrote to stderr so far, ``returncode`` its exit status (None
+    while it runs). tests/bindworker.py is one such worker.
 
 Example::
 
@@ -164,6 +172,11 @@ class Worker:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def returncode(self) -> int | None:
+        """The worker's exit status once it has exited and been reaped, else None."""
+        return self._proc.poll()
 
     def stderr(self) -> str:
         """What the worker has written to stderr so far."""

@@ -406,6 +406,40 @@ def test_remove_updates_the_slot_count() -> None:
     assert outcomes(*SHADOW, table=table) == [".", ".", "."]
 
 
+def test_a_zone_on_the_address_changes_nothing_but_the_device() -> None:
+    # Callers may pass IPv6Address("fe80::1%eth0"), which never equals IPv6Address("fe80::1").
+    def scoped(text: str, device: str = "") -> Sock:
+        return Sock(SocketName(ipaddress.ip_address(text), PORT, device=device))
+
+    table = PortTable()
+    assert table.bind(scoped("fe80::1%vb0")) is None
+    assert table.conflict(scoped("fe80::1", "vb0")) is not None
+    assert table.conflict(scoped("fd99::1%vb0")) is None
+    assert table.bind(scoped("fd99::1")) is None
+    assert (
+        table.conflict(scoped("fd99::1%vb1")) is not None
+    )  # the zone of a global address is ignored
+    assert scoped("::%vb0").is_wildcard
+    assert table.conflict(scoped("::%vb0")) is not None
+
+
+@pytest.mark.parametrize("entries", [0, -16384, 1000])
+def test_hash_entries_must_be_a_power_of_two(entries: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        PortTable(hash_entries=entries)
+
+
+def test_insert_records_a_socket_without_judging_it() -> None:
+    # Sockets other processes already hold are inserted as they are, clashing or not.
+    table = PortTable()
+    first, second = sock("0.0.0.0"), sock("0.0.0.0")
+    table.insert(first)
+    table.insert(second)
+    assert table.conflict(sock("127.0.0.1")) is second  # the newest comes first in the chain
+    table.remove(second)
+    assert table.conflict(sock("127.0.0.1")) is first
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_ten_thousand_addresses_on_one_port_is_linear(
     family: int, monkeypatch: pytest.MonkeyPatch

@@ -34,8 +34,8 @@ from udpbindd.yamlsrc import Problem
 TESTDATA = Path(__file__).parent / "testdata"
 EXAMPLE = Path(__file__).parent.parent / "config" / "udpbindd.example.yaml"
 LISTENER_KNOWN = (
-    "device, drop_rate, enabled, family, freebind, interface, name, port, recv_buffer, "
-    "required, responder, reuse_port"
+    "allow, deny, device, drop_rate, enabled, family, freebind, interface, name, port, "
+    "rate_limit, recv_buffer, reflection_guard, required, responder, reuse_port"
 )
 
 
@@ -264,6 +264,65 @@ BAD_FILES = [
             "bad-many.yaml:21: logging.level: 'loud' is not one of: debug, info, warning, error",
         ],
     ),
+    (
+        "bad-allow-host-bits.yaml",
+        [
+            "bad-allow-host-bits.yaml:6: listeners[0].allow[1]: '192.168.1.10/24' has host bits "
+            "set: write 192.168.1.0/24 for the network, or 192.168.1.10/32 for one address"
+        ],
+    ),
+    (
+        "bad-allow-empty.yaml",
+        [
+            "bad-allow-empty.yaml:4: listeners[0].allow: an empty allow list would refuse every "
+            "source: list the sources to allow, or remove the key to allow all"
+        ],
+    ),
+    (
+        "bad-deny-entry.yaml",
+        [
+            "bad-deny-entry.yaml:4: listeners[0].deny[0]: "
+            "'2001:db8::/129' is not an address or network: '129' is not a valid netmask",
+            "bad-deny-entry.yaml:4: listeners[0].deny[1]: "
+            "'fe80::/10%eth0': an access list takes no %zone",
+            "bad-deny-entry.yaml:4: listeners[0].deny[3]: "
+            "'::ffff:10.0.0.0/104' is 10.0.0.0/8, already listed as listeners[0].deny[2]",
+        ],
+    ),
+    (
+        "bad-rate-limit.yaml",
+        [
+            "bad-rate-limit.yaml:4: listeners[0].rate_limit.burst: "
+            "required: the packets one source may send at once, e.g. 20",
+            "bad-rate-limit.yaml:5: listeners[0].rate_limit.packets_per_second: "
+            "0 is not in 0..1000000 (above 0)",
+            "bad-rate-limit.yaml:6: listeners[0].rate_limit.ipv6_prefix: 129 is not in 1..128",
+            "bad-rate-limit.yaml:7: listeners[0].rate_limit.max_source: "
+            "unknown key (did you mean 'max_sources'?)",
+        ],
+    ),
+    (
+        "bad-reflection-guard.yaml",
+        [
+            "bad-reflection-guard.yaml:5: listeners[0].reflection_guard.ports[0]: "
+            "0 is not in 1..65535 (source port 0 is always refused)",
+            "bad-reflection-guard.yaml:5: listeners[0].reflection_guard.ports[2]: "
+            "53 is listed twice (also listeners[0].reflection_guard.ports[1])",
+            "bad-reflection-guard.yaml:5: listeners[0].reflection_guard.ports[3]: "
+            "70000 is not in 1..65535",
+            "bad-reflection-guard.yaml:6: listeners[0].reflection_guard.max_amplification: "
+            "0.5 is not in 1.0..100.0",
+            "bad-reflection-guard.yaml:9: listeners[1].reflection_guard: "
+            "expected a mapping, got a boolean (false) (write {enabled: false})",
+        ],
+    ),
+    (
+        "bad-user.yaml",
+        [
+            "bad-user.yaml:2: user: 'udp bind' is not a user name "
+            "(letters, digits, '_', '.', '-'; at most 32 characters)"
+        ],
+    ),
 ]
 
 
@@ -324,6 +383,18 @@ def test_good_file_builds_every_field() -> None:
         recv_buffer=512 * 1024,
         required=False,
         enabled=True,
+        allow=(
+            ipaddress.ip_network("::1/128"),
+            ipaddress.ip_network("2001:db8::/32"),
+            ipaddress.ip_network("127.0.0.0/8"),  # written as ::ffff:127.0.0.0/104
+        ),
+        deny=(ipaddress.ip_network("2001:db8:bad::/48"),),
+        rate_limit=config.RateLimit(
+            packets_per_second=2.5, burst=20, ipv6_prefix=56, max_sources=1024
+        ),
+        reflection_guard=config.ReflectionPolicy(
+            enabled=True, ports=(53, 5060), max_amplification=1.5
+        ),
         line=6,
     )
     assert (dual.name, dual.target, dual.family, dual.enabled) == (
@@ -340,6 +411,7 @@ def test_good_file_builds_every_field() -> None:
     assert cfg.enabled_listeners == (classic, everything, lo)
     assert cfg.metrics.listen == (Endpoint("::1", 9917),)
     assert cfg.logging == config.LoggingConfig(LogLevel.DEBUG, LogFormat.JSON)
+    assert cfg.user == "nobody"
 
 
 def test_config_is_immutable() -> None:
@@ -405,8 +477,271 @@ def test_defaults_of_an_optional_listener_key() -> None:
         recv_buffer=config.DEFAULT_RECV_BUFFER,
         required=True,
         enabled=True,
+        allow=(),
+        deny=(),
+        rate_limit=None,
+        reflection_guard=config.ReflectionPolicy(
+            enabled=True, ports=config.DEFAULT_REFLECTION_PORTS, max_amplification=2.0
+        ),
         line=2,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# source policy: allow, deny, rate_limit, reflection_guard, user
+
+
+def net(text: str) -> config.Network:
+    return ipaddress.ip_network(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("10.0.0.0/8", (net("10.0.0.0/8"),)),
+        ("[10.0.0.0/8]", (net("10.0.0.0/8"),)),
+        ("[192.0.2.7]", (net("192.0.2.7/32"),)),
+        ('["2001:db8::1"]', (net("2001:db8::1/128"),)),
+        ('["2001:db8::/32", " 192.0.2.0/24 "]', (net("2001:db8::/32"), net("192.0.2.0/24"))),
+        # v4-mapped networks and addresses are the IPv4 ones they stand for.
+        ('["::ffff:10.0.0.0/104"]', (net("10.0.0.0/8"),)),
+        ('["::ffff:192.0.2.7"]', (net("192.0.2.7/32"),)),
+        ('["::ffff:0.0.0.0/96"]', (net("0.0.0.0/0"),)),
+        # Wider than ::ffff:0:0/96, so not an IPv4 network: it stays IPv6.
+        ('["::fffe:0:0/95"]', (net("::fffe:0:0/95"),)),
+        ("[10.0.0.0/255.0.0.0]", (net("10.0.0.0/8"),)),
+        ('["::/0", 0.0.0.0/0]', (net("::/0"), net("0.0.0.0/0"))),
+    ],
+)
+def test_access_lists_accepted(value: str, expected: tuple[config.Network, ...]) -> None:
+    (parsed,) = parse_text(
+        f"listeners:\n  - {{interface: 127.0.0.1, port: 1, allow: {value}, deny: {value}}}\n",
+        "t",
+    ).listeners
+    assert parsed.allow == expected
+    assert parsed.deny == expected
+
+
+def test_an_empty_deny_list_is_no_deny_list() -> None:
+    (parsed,) = parse_text(
+        "listeners:\n  - {interface: 127.0.0.1, port: 1, deny: []}\n", "t"
+    ).listeners
+    assert parsed.deny == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "7",
+            "allow: expected a list of addresses or networks, got a number (7)",
+        ),
+        (
+            "[7]",
+            "allow[0]: expected an address or network such as 192.0.2.0/24 or 2001:db8::/32, "
+            "got a number (7)",
+        ),
+        ("[eth0]", "allow[0]: 'eth0' is not an address or network: Expected 4 octets in 'eth0'"),
+        (
+            "[10.0.0.0/33]",
+            "allow[0]: '10.0.0.0/33' is not an address or network: '33' is not a valid netmask",
+        ),
+        (
+            '["::ffff:10.0.0.1/104"]',
+            "allow[0]: '::ffff:10.0.0.1/104' has host bits set: write 10.0.0.0/8 for the "
+            "network, or 10.0.0.1/32 for one address",
+        ),
+        (
+            '["2001:db8::1/32"]',
+            "allow[0]: '2001:db8::1/32' has host bits set: write 2001:db8::/32 for the network, "
+            "or 2001:db8::1/128 for one address",
+        ),
+        ('["fe80::1%eth0"]', "allow[0]: 'fe80::1%eth0': an access list takes no %zone"),
+        (
+            "[10.0.0.0/8, 10.0.0.0/8]",
+            "allow[1]: 10.0.0.0/8 is listed twice (also listeners[0].allow[0])",
+        ),
+    ],
+)
+def test_access_lists_rejected(value: str, expected: str) -> None:
+    assert one(f"{{interface: 127.0.0.1, port: 1, allow: {value}}}") == [
+        f"t.yaml:2: listeners[0].{expected}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "{packets_per_second: 10, burst: 20}",
+            config.RateLimit(10.0, 20, ipv6_prefix=64, max_sources=65536),
+        ),
+        (
+            "{packets_per_second: 0.5, burst: 1, ipv6_prefix: 128, max_sources: 1}",
+            config.RateLimit(0.5, 1, ipv6_prefix=128, max_sources=1),
+        ),
+        (
+            "{packets_per_second: 1000000, burst: 1000000, ipv6_prefix: 1, max_sources: 4194304}",
+            config.RateLimit(1e6, 1_000_000, ipv6_prefix=1, max_sources=4_194_304),
+        ),
+    ],
+)
+def test_rate_limit_accepted(value: str, expected: config.RateLimit) -> None:
+    (parsed,) = parse_text(
+        f"listeners:\n  - {{interface: 127.0.0.1, port: 1, rate_limit: {value}}}\n", "t"
+    ).listeners
+    assert parsed.rate_limit == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "{burst: 1}",
+            ["packets_per_second: required: the packets a second one source may send, e.g. 10"],
+        ),
+        (
+            "{packets_per_second: -1, burst: 1}",
+            ["packets_per_second: -1 is not in 0..1000000 (above 0)"],
+        ),
+        (
+            "{packets_per_second: .nan, burst: 1}",
+            ["packets_per_second: nan is not in 0..1000000 (above 0)"],
+        ),
+        (
+            "{packets_per_second: 1000001, burst: 1}",
+            ["packets_per_second: 1000001 is not in 0..1000000 (above 0)"],
+        ),
+        (
+            "{packets_per_second: '10', burst: 1}",
+            ["packets_per_second: expected a number of packets a second, got a string ('10')"],
+        ),
+        (
+            "{packets_per_second: true, burst: 1}",
+            ["packets_per_second: expected a number of packets a second, got a boolean (true)"],
+        ),
+        (
+            "{packets_per_second: 1, burst: 1.5}",
+            ["burst: expected a whole number 1..1000000, got a number (1.5)"],
+        ),
+        ("{packets_per_second: 1, burst: 0}", ["burst: 0 is not in 1..1000000"]),
+        (
+            "{packets_per_second: 1, burst: 1, ipv6_prefix: 0}",
+            ["ipv6_prefix: 0 is not in 1..128"],
+        ),
+        (
+            "{packets_per_second: 1, burst: 1, max_sources: 0}",
+            ["max_sources: 0 is not in 1..4194304"],
+        ),
+        (
+            "{packets_per_second: 1, burst: 1, max_sources: 4194305}",
+            ["max_sources: 4194305 is not in 1..4194304"],
+        ),
+    ],
+)
+def test_rate_limit_rejected(value: str, expected: list[str]) -> None:
+    assert one(f"{{interface: 127.0.0.1, port: 1, rate_limit: {value}}}") == [
+        f"t.yaml:2: listeners[0].rate_limit.{message}" for message in expected
+    ]
+
+
+def test_rate_limit_shape() -> None:
+    assert one("{interface: 127.0.0.1, port: 1, rate_limit: 10}") == [
+        "t.yaml:2: listeners[0].rate_limit: expected a mapping, got a number (10)"
+    ]
+    assert text_problems(
+        "listeners:\n  - interface: 127.0.0.1\n    port: 1\n    rate_limit:\n"
+    ) == ["t.yaml:4: listeners[0].rate_limit: expected a mapping, got nothing (null)"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("{}", config.ReflectionPolicy()),
+        ("null", config.ReflectionPolicy()),
+        ("{enabled: false}", config.ReflectionPolicy(enabled=False)),
+        ("{ports: []}", config.ReflectionPolicy(ports=())),
+        ("{ports: [11211, 7, 5060]}", config.ReflectionPolicy(ports=(7, 5060, 11211))),
+        ("{max_amplification: 1}", config.ReflectionPolicy(max_amplification=1.0)),
+        ("{max_amplification: 100}", config.ReflectionPolicy(max_amplification=100.0)),
+    ],
+)
+def test_reflection_guard_accepted(value: str, expected: config.ReflectionPolicy) -> None:
+    (parsed,) = parse_text(
+        f"listeners:\n  - {{interface: 127.0.0.1, port: 1, reflection_guard: {value}}}\n", "t"
+    ).listeners
+    assert parsed.reflection_guard == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("true", ": expected a mapping, got a boolean (true) (write {enabled: true})"),
+        ("[53]", ": expected a mapping, got a list"),
+        ("{enabled: 'no'}", ".enabled: expected true or false, got a string ('no')"),
+        ("{ports: 53}", ".ports: expected a list of port numbers, got a number (53) "
+         "(write [] for none but port 0)"),
+        ("{ports: [dns]}", ".ports[0]: expected a port number 1..65535, got a string ('dns')"),
+        ("{ports: [true]}", ".ports[0]: expected a port number 1..65535, got a boolean (true)"),
+        ("{max_amplification: 0.99}", ".max_amplification: 0.99 is not in 1.0..100.0"),
+        ("{max_amplification: .inf}", ".max_amplification: inf is not in 1.0..100.0"),
+        ("{max_amplification: 100.5}", ".max_amplification: 100.5 is not in 1.0..100.0"),
+        ("{max_amplification: x}", ".max_amplification: expected a number 1.0..100.0, "
+         "got a string ('x')"),
+        ("{port: [7]}", ".port: unknown key (did you mean 'ports'?)"),
+    ],
+)  # fmt: skip
+def test_reflection_guard_rejected(value: str, expected: str) -> None:
+    assert one(f"{{interface: 127.0.0.1, port: 1, reflection_guard: {value}}}") == [
+        f"t.yaml:2: listeners[0].reflection_guard{expected}"
+    ]
+
+
+def test_default_reflection_ports_are_documented() -> None:
+    assert tuple(sorted(config.REFLECTION_PORTS)) == config.DEFAULT_REFLECTION_PORTS
+    # The classic loop and amplification ports, at least.
+    assert {7, 9, 13, 17, 19, 37, 53, 111, 123, 137, 161, 389, 1900, 5353, 11211} <= set(
+        config.DEFAULT_REFLECTION_PORTS
+    )
+    assert 0 not in config.DEFAULT_REFLECTION_PORTS  # refused always, not as a listed port
+    # docs/security.md gives every default port a row saying why it is there.
+    security = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    rows = set(re.findall(r"^\| (\d+) \| `?([\w-]+)`? \|", security, re.MULTILINE))
+    assert {(str(port), name) for port, name in config.REFLECTION_PORTS.items()} <= rows
+
+
+@pytest.mark.parametrize(
+    "name", ["udpbindd", "_udpbindd", "svc-udp", "a.b", "Debian-exim", "smb$", "x" * 32, "1abc"]
+)
+def test_user_accepted(name: str) -> None:
+    assert parse_text(f"listeners: []\nuser: '{name}'\n", "t").user == name
+
+
+def test_no_user_means_no_switch() -> None:
+    assert parse_text("listeners: []\n", "t").user == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1000", "expected a user name, got a number (1000)"),
+        ("'1000'", "'1000' is all digits: give a user name, not a uid"),
+        ("''", "'' is not a user name (letters, digits, '_', '.', '-'; at most 32 characters)"),
+        ("null", "expected a user name, got nothing (null)"),
+        ("-x", "'-x' is not a user name (letters, digits, '_', '.', '-'; at most 32 characters)"),
+        ("a/b", "'a/b' is not a user name (letters, digits, '_', '.', '-'; at most 32 characters)"),
+        ("'..'", "'..' is not a user name (letters, digits, '_', '.', '-'; at most 32 characters)"),
+        ("a$b", "'a$b' is not a user name (letters, digits, '_', '.', '-'; at most 32 characters)"),
+        (
+            "x" * 33,
+            f"'{'x' * 33}' is not a user name (letters, digits, '_', '.', '-'; "
+            "at most 32 characters)",
+        ),
+        ("[root]", "expected a user name, got a list"),
+    ],
+)
+def test_user_rejected(value: str, message: str) -> None:
+    assert text_problems(f"listeners: []\nuser: {value}\n") == [f"t.yaml:2: user: {message}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +936,7 @@ def test_alias_bomb_is_cheap() -> None:
     assert len(problems) == 19
     assert problems[-2:] == [
         "t.yaml:9: listeners[8]: expected a mapping, got a list",
-        "t.yaml:10: l9: unknown key (known: listeners, logging, metrics)",
+        "t.yaml:10: l9: unknown key (known: listeners, logging, metrics, user)",
     ]
 
 
@@ -1158,7 +1493,8 @@ def test_example_loads() -> None:
 
 def test_example_uses_every_key() -> None:
     used = _example_keys()
-    assert used["top"] == config.TOP_KEYS
+    # user: switching users needs root, so the example shows it in comments only.
+    assert used["top"] == config.TOP_KEYS - {"user"}
     assert used["listener"] == config.LISTENER_KEYS
     # metrics.tls needs certificate files, so the example shows it in comments only.
     assert used["metrics"] == config.METRICS_KEYS - {"tls"}
@@ -1173,6 +1509,8 @@ def test_example_uses_every_key() -> None:
         | config.METRICS_KEYS
         | config.TLS_KEYS
         | config.LOGGING_KEYS
+        | config.RATE_LIMIT_KEYS
+        | config.REFLECTION_KEYS
     ),
 )
 def test_example_documents_every_key_in_a_comment(key: str) -> None:

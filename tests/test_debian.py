@@ -1,8 +1,10 @@
 """The Debian package: built by packaging/build-deb, inspected, then installed in a container.
 
 The container runs a real systemd as PID 1 (see container.py), so these tests see what an
-operator sees: the postinst enables and starts the unit, systemd supervises the daemon as an
-unprivileged user, and removing the package stops it.
+operator sees: the postinst enables and starts the unit; the unit stays activating until the
+daemon's READY=1 and shows its STATUS=; reload applies a changed file in the same process; the
+watchdog restarts a frozen daemon; the daemon runs as an unprivileged user yet binds port 999;
+the example .socket unit hands it a socket it serves; removing the package stops it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +38,8 @@ PYTHON_DEPENDS = {
     "python3-prometheus-client",
     "python3-sdnotify",
 }
+# Where systemd allocates DynamicUser= uids.
+DYNAMIC_UIDS = (61184, 65519)
 # Capability bit numbers (linux/capability.h).
 CAP_NET_BIND_SERVICE = 10
 
@@ -55,6 +60,31 @@ while True:
             if time.monotonic() > deadline:
                 sys.exit(f"no reply from {host}:{port}: {error!r}")
     time.sleep(0.1)
+"""
+
+# Sends exactly one datagram and prints the reply, waiting up to argv[4] seconds for it.
+SEND_ONCE = """
+import socket, sys
+host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.settimeout(float(sys.argv[4]))
+    sock.connect((host, port))
+    sock.send(payload)
+    try:
+        sys.stdout.write(sock.recv(65536).decode())
+    except (TimeoutError, ConnectionRefusedError) as error:
+        sys.exit(f"no reply from {host}:{port}: {error!r}")
+"""
+
+# Prints how many UDP sockets are bound to port argv[1] and whether process argv[2] holds
+# every one of them (udpbindd.host reads sock_diag, or /proc/net/udp).
+HELD_BY = """
+import os, sys
+from udpbindd.host import held_sockets
+port, pid = int(sys.argv[1]), sys.argv[2]
+held = [h for h in held_sockets(owners=False) if h.name.port == port]
+fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+print(len(held), all(f"socket:[{h.inode}]" in fds for h in held))
 """
 
 container = pytest.mark.container
@@ -193,25 +223,40 @@ def send(box: Container, port: int, payload: str, timeout: float = 10.0) -> str:
     return done.stdout
 
 
+def send_once(
+    box: Container, port: int, payload: str, wait: float = 2.0
+) -> subprocess.CompletedProcess[str]:
+    """One datagram, no retry: for the moments when the listener must answer right now."""
+    return box.run(
+        "python3", "-c", SEND_ONCE, "127.0.0.1", str(port), payload, str(wait), check=False
+    )
+
+
+def metrics_answer(box: Container, port: int = 9917) -> bool:
+    url = f"http://127.0.0.1:{port}/metrics"
+    fetch = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"
+    return box.run("python3", "-c", fetch, check=False).returncode == 0
+
+
+def json_events(journal: str, name: str) -> list[dict[str, object]]:
+    """The daemon's JSON log records in ``journal`` whose event is ``name``."""
+    found = []
+    for line in journal.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == name:
+            found.append(record)
+    return found
+
+
 def process_status(box: Container, pid: str) -> dict[str, str]:
     """/proc/PID/status of a process in the container (pids are the container's)."""
     text = box.run("cat", f"/proc/{pid}/status").stdout
     return {
         key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())
     }
-
-
-def log_events(journal: str) -> list[str]:
-    """The event names of the daemon's JSON log lines in ``journal``."""
-    events = []
-    for line in journal.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # systemd's own lines and the check's report
-        if isinstance(record, dict) and isinstance(record.get("event"), str):
-            events.append(record["event"])
-    return events
 
 
 def udpbindd_processes(box: Container) -> str:
@@ -264,19 +309,94 @@ def test_daemon_runs_unprivileged_with_only_net_bind_service(installed: Containe
 
 
 @container
-def test_reload_delivers_sighup_and_keeps_serving(installed: Container) -> None:
-    before = installed.show(UNIT, "MainPID")["MainPID"]
+def test_unit_is_activating_until_ready_and_active_once_the_listener_answers(
+    fresh: Callable[[], Container],
+) -> None:
+    box = fresh()
+    box.systemctl("stop", UNIT)
+    config = box.run("cat", CONFFILE).stdout
+    # The configuration becomes a FIFO: `udpbindd run` cannot bind anything, nor send READY=1,
+    # before it has read its file, and a FIFO delivers the file only when the test writes it.
+    box.run("rm", CONFFILE)
+    box.run("mkfifo", "--mode=0644", CONFFILE)
 
-    def reload_events() -> int:
-        return sum(event.startswith("reload") for event in log_events(installed.journal(UNIT)))
+    def feed() -> None:
+        # `cat` blocks until a reader opens the FIFO; its EOF ends the reader's read.
+        box.run("sh", "-c", f"cat > {CONFFILE}", input=config, timeout=30)
 
-    seen = reload_events()
-    installed.systemctl("reload", UNIT)
-    # ExecReload only sends the signal: the daemon handles it in its loop, soon after.
-    installed.wait_for("a reload event in the journal", lambda: reload_events() > seen)
-    state = installed.show(UNIT, "MainPID", "ActiveState", "NRestarts")
-    assert state == {"MainPID": before, "ActiveState": "active", "NRestarts": "0"}
-    assert send(installed, 1060, "again") == "Your data was 5 bytes"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # `systemctl start` waits for the start job: until READY=1 (or a failure).
+        start = pool.submit(box.systemctl, "start", UNIT, check=False)
+        feed()  # read by ExecStartPre=udpbindd check
+        waiting = box.wait_for(
+            "the main process, waiting for its configuration",
+            lambda: (
+                state
+                if (state := box.show(UNIT, "ActiveState", "SubState", "MainPID"))["SubState"]
+                == "start"
+                and state["MainPID"] != "0"
+                else None
+            ),
+        )
+        assert waiting["ActiveState"] == "activating"
+        # The process exists but has bound nothing: activating is the truth, not a delay.
+        refused = send_once(box, 1060, "too early", wait=0.5)
+        assert "ConnectionRefusedError" in refused.stderr, refused.stdout + refused.stderr
+        assert not metrics_answer(box)
+        assert not start.done()
+        fed_at = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        feed()  # read by the main process, which then binds and sends READY=1
+        done = start.result(timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # `start` has returned, so READY=1 has arrived: the listener answers the first datagram
+    # and the metrics are served, with no retry.
+    answer = send_once(box, 1060, "x" * 7)
+    assert answer.stdout == "Your data was 7 bytes", answer.stderr
+    assert metrics_answer(box)
+    state = box.show(
+        UNIT, "ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic", "NRestarts"
+    )
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+    assert (state["MainPID"], state["NRestarts"]) == (waiting["MainPID"], "0")
+    # The container shares the host's CLOCK_MONOTONIC: active only after the file was fed.
+    assert int(state["ActiveEnterTimestampMonotonic"]) > fed_at
+
+
+@container
+def test_reload_binds_a_new_privileged_listener_in_the_same_unprivileged_process(
+    fresh: Callable[[], Container],
+) -> None:
+    box = fresh()
+    before = box.show(UNIT, "MainPID", "StatusText")
+    assert before["StatusText"] == "1 bound, 0 waiting, 0 failed"
+    assert send_once(box, 999, "too early", wait=0.5).returncode != 0
+    box.write_file(
+        CONFFILE,
+        "listeners:\n"
+        "  - {name: classic, interface: 127.0.0.1, port: 1060, responder: size}\n"
+        "  - {name: low, interface: 127.0.0.1, port: 999, responder: echo}\n"
+        "metrics:\n  listen: ['127.0.0.1:9917']\n",
+    )
+    box.systemctl("reload", UNIT)
+    # ExecReload= only delivers SIGHUP: the daemon applies the file in its loop, then says so.
+    box.wait_for(
+        "reload_finished in the journal",
+        lambda: json_events(box.journal(UNIT), "reload_finished"),
+    )
+    assert send(box, 999, "below 1024") == "below 1024"
+    assert send(box, 1060, "again") == "Your data was 5 bytes"
+    after = box.show(UNIT, "MainPID", "NRestarts", "ActiveState", "StatusText")
+    assert after == {
+        "MainPID": before["MainPID"],
+        "NRestarts": "0",
+        "ActiveState": "active",
+        "StatusText": "2 bound, 0 waiting, 0 failed",
+    }
+    # The process that bound port 999 is not root: CAP_NET_BIND_SERVICE is all it has.
+    # (ps shows the number: the container's nsswitch.conf has no nss-systemd for the name.)
+    uid = int(box.run("ps", "-o", "uid=", "-p", after["MainPID"]).stdout)
+    assert DYNAMIC_UIDS[0] <= uid <= DYNAMIC_UIDS[1], uid
+    assert process_status(box, after["MainPID"])["Uid"].split() == [str(uid)] * 4
 
 
 @container
@@ -284,14 +404,14 @@ def test_watchdog_keeps_a_pinging_daemon_and_restarts_a_stuck_one(
     fresh: Callable[[], Container],
 ) -> None:
     box = fresh()
-    box.write_file(f"/run/systemd/system/{UNIT}.d/watchdog.conf", "[Service]\nWatchdogSec=1s\n")
+    box.write_file(f"/run/systemd/system/{UNIT}.d/watchdog.conf", "[Service]\nWatchdogSec=2s\n")
     box.systemctl("daemon-reload")
     box.systemctl("restart", UNIT)
     first = box.show(UNIT, "MainPID", "WatchdogUSec")
-    assert first["WatchdogUSec"] == "1s"
-    # A fixed window of several watchdog periods with the loop idle: only its own pings keep
-    # it alive, and a missed one would show as a restart.
-    time.sleep(3.5)
+    assert first["WatchdogUSec"] == "2s"
+    # A fixed window of 2.5 watchdog periods with the loop idle: only its own pings keep it
+    # alive, and a missed one would show as a restart.
+    time.sleep(5)
     assert box.show(UNIT, "MainPID", "NRestarts") == {"MainPID": first["MainPID"], "NRestarts": "0"}
 
     # A stopped process sends nothing: systemd must kill it and start another.
@@ -306,6 +426,7 @@ def test_watchdog_keeps_a_pinging_daemon_and_restarts_a_stuck_one(
     )
     assert box.show(UNIT, "MainPID")["MainPID"] != first["MainPID"]
     assert "Watchdog timeout" in box.journal(UNIT)
+    assert send_once(box, 1060, "back").stdout == "Your data was 4 bytes"
 
 
 @container
@@ -345,12 +466,23 @@ def test_socket_activation_example_serves_a_privileged_port_without_capabilities
     box.systemctl("daemon-reload")
     box.systemctl("enable", "--now", "udpbindd.socket")
 
-    # The first datagram starts the service, which must answer it on the socket it is given.
-    done = box.run("python3", "-c", SEND, "127.0.0.1", "7", "hello, port 7", "20", check=False)
+    # systemd holds the socket now. The first datagram starts the service, which must answer
+    # that very datagram (one send, no retry) on the socket it is given.
+    done = send_once(box, 7, "hello, port 7", wait=20)
     journal = box.journal("udpbindd-activated.service")
     assert done.stdout == "hello, port 7", f"{done.stderr}\njournal:\n{journal}"
     state = box.show("udpbindd-activated.service", "ActiveState", "MainPID", "NRestarts")
     assert (state["ActiveState"], state["NRestarts"]) == ("active", "0")
+    [inherited] = json_events(journal, "listener_inherited")
+    assert (inherited["listener"], inherited["fdname"], inherited["matched_by"]) == (
+        "echo",
+        "echo",
+        "name",
+    )
+    assert json_events(journal, "inherited_unmatched") == []
+    # One socket on port 7, systemd's, held by the daemon too: it bound no other.
+    held = box.run("python3", "-c", HELD_BY, "7", state["MainPID"]).stdout.split()
+    assert held == ["1", "True"]
     status = process_status(box, state["MainPID"])
     for kind in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
         assert int(status[kind], 16) == 0, (kind, status[kind])

@@ -7,12 +7,20 @@ verified as copies whose only change is /usr/bin/udpbindd pointing at a stub exe
 
 from __future__ import annotations
 
+import itertools
 import re
+import socket
 import subprocess
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 from conftest import require_tool
+
+from udpbindd.activation import Inherited, assign
+from udpbindd.config import parse_text
+from udpbindd.expand import expand_all
+from udpbindd.names import SocketName
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "systemd"
@@ -173,3 +181,25 @@ def test_socket_example_hands_a_privileged_port_to_a_service_without_capabilitie
     assert SOCKET in last(activated, "Unit", "Requires").split()
     # The two services read the same file and would fight over its ports.
     assert SERVICE in last(activated, "Unit", "Conflicts").split()
+
+
+def test_socket_example_config_is_matched_to_the_socket_by_name() -> None:
+    # The YAML in the unit's comment is what an operator copies: it must parse, name the
+    # listener after FileDescriptorName= (systemd forbids ':', which default names contain),
+    # and bind the very socket name systemd passes, so the daemon adopts it by name.
+    lines = (UNITS / SOCKET).read_text().splitlines()
+    start = lines.index("#   listeners:")
+    block = list(itertools.takewhile(lambda line: line.startswith("#   "), lines[start:]))
+    config = parse_text("\n".join(line[4:] for line in block), "udpbindd.socket comment")
+    socket_unit = parse_unit(UNITS / SOCKET)
+    fdname = last(socket_unit, "Socket", "FileDescriptorName")
+    assert ":" not in fdname
+    host, _, port = last(socket_unit, "Socket", "ListenDatagram").rpartition(":")
+    bindings = expand_all(config.enabled_listeners, {}).bindings
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as placeholder:
+        passed = Inherited(placeholder, fdname, SocketName(ip_address(host), int(port)))
+        result = assign([passed], bindings)
+    assert result.unmatched == []
+    [(binding, item)] = result.adopted.items()
+    assert binding.listener.name == fdname
+    assert item is passed

@@ -1,7 +1,16 @@
 """Socket activation: adopt the UDP sockets systemd passed (LISTEN_FDS), never re-binding them.
 
-``parse_environment`` is pure; ``inherited`` turns the fds into ``Inherited`` sockets with the
-socket name each is really bound to, and clears the variables so children never see them.
+``parse_environment`` reads the variables (pure); ``inherited`` turns the passed fds into
+``Inherited`` sockets with the socket name each is really bound to, and clears the variables
+so that no child process ever sees them; ``assign`` decides (pure) which passed socket serves
+which binding, and why each of the others serves none.
+
+Matching: a socket whose FileDescriptorName is a listener's ``name`` is that listener's, and
+serves whichever of its bindings has exactly the socket's name (address, port, device and
+V6ONLY). Any other socket serves the binding with exactly its socket name, whatever listener
+that is. systemd forbids ':' in FileDescriptorName=, and a listener's default name is its
+socket name as written (``127.0.0.1:7``), so a listener matched by name needs an explicit
+``name:``; matching by address works without one.
 """
 
 from __future__ import annotations
@@ -9,9 +18,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 
+from udpbindd.expand import Binding
 from udpbindd.names import SocketName
 
 SD_LISTEN_FDS_START = 3
@@ -35,10 +45,6 @@ class Inherited:
     fdname: str
     name: SocketName
 
-    @property
-    def inode(self) -> int:
-        return os.fstat(self.sock.fileno()).st_ino
-
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -47,6 +53,22 @@ class Rejected:
     fd: int
     fdname: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """A passed socket that serves no binding, and why, in words for an operator."""
+
+    item: Inherited
+    reason: str
+
+
+@dataclass(slots=True)
+class Assignment:
+    """What ``assign`` decided: the passed socket for each binding it serves, and the rest."""
+
+    adopted: dict[Binding, Inherited] = field(default_factory=dict)
+    unmatched: list[Unmatched] = field(default_factory=list)
 
 
 def parse_environment(environ: Mapping[str, str], pid: int) -> list[Passed]:
@@ -83,7 +105,12 @@ def socket_name(sock: socket.socket) -> SocketName:
 def inherited(
     environ: MutableMapping[str, str] | None = None,
 ) -> tuple[list[Inherited], list[Rejected]]:
-    """Adopt the sockets passed by the service manager and clear its variables."""
+    """Adopt the sockets passed by the service manager and clear its variables.
+
+    The variables are removed from ``environ`` (the process environment by default, which
+    also unsets them for every child) even when they were meant for another process, as
+    ``sd_listen_fds(1)`` does. Adopted sockets are non-blocking and close-on-exec.
+    """
     env = os.environ if environ is None else environ
     passed = parse_environment(env, os.getpid())
     for variable in _VARIABLES:
@@ -109,3 +136,66 @@ def inherited(
             continue
         adopted.append(Inherited(sock, item.name, name))
     return adopted, rejected
+
+
+def assign(passed: Sequence[Inherited], bindings: Sequence[Binding]) -> Assignment:
+    """Match passed sockets to bindings: by FileDescriptorName first, then by socket name.
+
+    A socket named after a listener may serve only that listener, so it is placed before
+    the unnamed ones can take the binding it is meant for. A binding is served by at most
+    one socket; a second socket with the same name is unmatched.
+    """
+    listeners: dict[str, list[Binding]] = {}
+    for binding in bindings:
+        listeners.setdefault(binding.listener.name, []).append(binding)
+    result = Assignment()
+    taken: set[SocketName] = set()
+    named = [item for item in passed if item.fdname in listeners]
+    others = [item for item in passed if item.fdname not in listeners]
+    for item in named + others:
+        own = listeners.get(item.fdname)
+        candidates = bindings if own is None else own
+        exact = [binding for binding in candidates if binding.name == item.name]
+        free = [binding for binding in exact if binding.name not in taken]
+        if free:
+            result.adopted[free[0]] = item
+            taken.add(item.name)
+            continue
+        if exact:
+            reason = f"another passed socket with this name already serves {_owner(exact[0])}"
+        else:
+            reason = _why_unmatched(
+                item, candidates, named_for=None if own is None else item.fdname
+            )
+        result.unmatched.append(Unmatched(item, reason))
+    return result
+
+
+def _owner(binding: Binding) -> str:
+    return f"listener {binding.listener.name!r} ({binding.name})"
+
+
+def _why_unmatched(item: Inherited, candidates: Sequence[Binding], named_for: str | None) -> str:
+    """Why no binding among ``candidates`` has exactly the socket name of ``item``."""
+    name = item.name
+    for binding in candidates:
+        wanted = binding.name
+        if (wanted.address, wanted.port, wanted.device) == (name.address, name.port, name.device):
+            # Only [::] (and v4-mapped addresses) can differ in V6ONLY alone: it decides
+            # whether the socket also receives IPv4, so it cannot be changed after bind().
+            option = "ipv6-only" if wanted.v6only else "both"
+            return (
+                f"{name} is bound with IPV6_V6ONLY={int(name.v6only)} but {_owner(binding)} "
+                f"wants IPV6_V6ONLY={int(wanted.v6only)}: set BindIPv6Only={option} in the "
+                f".socket unit{' or family: dual on the listener' if wanted.v6only else ''}"
+            )
+    if named_for is not None:
+        labels = ", ".join(str(binding.name) for binding in candidates)
+        return (
+            f"FileDescriptorName={named_for} names listener {named_for!r}, which binds "
+            f"{labels}, not {name}"
+        )
+    reason = f"no listener binds {name}"
+    if item.fdname:
+        reason += f", and no listener is named {item.fdname!r}"
+    return reason

@@ -5,16 +5,21 @@ v4-mapped, ``::``, plain IPv6) and V6ONLY, bound devices, SO_REUSEADDR on both s
 SO_REUSEPORT same-owner exception, decided by the *first* relevant socket in the kernel's hash
 chain order, with the secondary-hash variant for busy slots. It knows nothing of listeners,
 processes or explanations: ``clash.py`` builds those on top.
+
+What it cannot see: sockets of other network namespaces that share the kernel's hash table (they
+count towards a busy slot), and the rare case where the (address, port) slot holds more sockets
+than the primary slot, when the kernel scans the primary chain after all. Options changed after
+bind() are not modelled: every Sock carries the options it had when it was bound.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from udpbindd.names import IPV6_ANY, IPAddress, SocketName, v4_value
+from udpbindd.names import IPAddress, SocketName
 
 # The kernel switches specific-address binds to the secondary (address, port) hash when the
 # primary slot holds more than this many sockets (udp_lib_get_port, hslot->count > 10).
@@ -41,10 +46,8 @@ class Sock:
 
     @property
     def kind(self) -> Kind:
-        address = self.name.address
-        if address.version == 4 or address.ipv4_mapped is not None:
-            return Kind.V4
-        return Kind.ANY if address == IPV6_ANY else Kind.V6
+        """Which overlap class the socket's address falls in."""
+        return _address_key(self)[0]
 
     @property
     def v6only(self) -> bool:
@@ -57,6 +60,11 @@ class Sock:
     def device(self) -> str:
         """The device the kernel binds: a link-local zone overrides SO_BINDTODEVICE."""
         return _device(self.name)
+
+    @property
+    def is_wildcard(self) -> bool:
+        """True for 0.0.0.0, ::ffff:0.0.0.0 and ::, whatever zone the address carries."""
+        return _address_key(self)[1] == 0  # a V6-kind key is never 0: that is ::
 
     @property
     def tail(self) -> bool:
@@ -82,8 +90,8 @@ def needs_scope(address: IPAddress) -> bool:
 
 
 def _device(name: SocketName) -> str:
-    # A zone given with a scoped address is the sin6_scope_id, which the kernel writes over any
-    # SO_BINDTODEVICE; on any other address it ignores the scope id.
+    # A zone given with a link-scoped address becomes sin6_scope_id, which the kernel writes over
+    # any SO_BINDTODEVICE; for any other address the kernel ignores the scope id.
     address = name.address
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id and needs_scope(address):
         return address.scope_id
@@ -94,7 +102,11 @@ def validate(sock: Sock) -> None:
     """Raise InvalidBind for binds the kernel rejects outright (not clashes)."""
     name = sock.name
     address = name.address
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped and name.v6only:
+    if (
+        isinstance(address, ipaddress.IPv6Address)
+        and address.ipv4_mapped is not None
+        and name.v6only
+    ):
         raise InvalidBind("a v4-mapped address cannot be bound with IPV6_V6ONLY=1")
     if needs_scope(address) and not sock.device:
         raise InvalidBind(f"{address} is link-scoped: it needs a zone or a device")
@@ -107,8 +119,8 @@ def overlaps(new: Sock, old: Sock) -> bool:
     """
     new_kind, old_kind = new.kind, old.kind
     if new_kind is Kind.V4 and old_kind is Kind.V4:
-        a, b = v4_value(new.name.address), v4_value(old.name.address)
-        return a == b or a == 0 or b == 0
+        a, b = _address_key(new)[1], _address_key(old)[1]
+        return 0 in (a, b) or a == b
     if new_kind is Kind.ANY and old_kind is Kind.ANY:
         return True  # two '::' sockets always clash, whatever V6ONLY is
     if old_kind is Kind.ANY:
@@ -116,11 +128,7 @@ def overlaps(new: Sock, old: Sock) -> bool:
     if new_kind is Kind.ANY:
         return not (new.v6only and old_kind is Kind.V4)
     # Compared as integers: an IPv6Address with a zone never equals the same one without.
-    return (
-        new_kind is Kind.V6
-        and old_kind is Kind.V6
-        and int(new.name.address) == int(old.name.address)
-    )
+    return new_kind is Kind.V6 and old_kind is Kind.V6 and _address_key(new) == _address_key(old)
 
 
 def devices_compatible(new: Sock, old: Sock) -> bool:
@@ -144,13 +152,18 @@ def accepts(new: Sock, first: Sock) -> bool:
 
 
 def _address_key(sock: Sock) -> tuple[Kind, int]:
-    """The bucket a socket sits in within one port: its address as the secondary hash keys it."""
-    kind = sock.kind
-    if kind is Kind.V4:
-        value = v4_value(sock.name.address)
-        assert value is not None  # noqa: S101 - Kind.V4 always has an IPv4 value
-        return (kind, value)
-    return (kind, int(sock.name.address))
+    """The bucket a socket sits in within one port: its address as the secondary hash keys it.
+
+    IPv4 and v4-mapped sockets share a key (the kernel hashes both by the IPv4 address).
+    """
+    address = sock.name.address
+    if isinstance(address, ipaddress.IPv4Address):
+        return (Kind.V4, int(address))
+    if address.ipv4_mapped is not None:
+        return (Kind.V4, int(address.ipv4_mapped))
+    # An integer, so that a zone ("::%eth0", "fe80::1%eth0") never changes the key.
+    value = int(address)
+    return (Kind.ANY if value == 0 else Kind.V6, value)
 
 
 _ANY_KEY = (Kind.ANY, 0)
@@ -192,25 +205,28 @@ class _Port:
 
     def candidates(self, new: Sock) -> Iterator[_Bucket]:
         """The buckets whose sockets can overlap ``new``; ``relevant`` filters inside them."""
-        kind = new.kind
         key = _address_key(new)
-        if not new.name.is_wildcard:
+        kind = key[0]
+        if not new.is_wildcard:
             # A specific address meets only its own address and the wildcards: O(1) look-ups.
             keys = [key, _ANY_KEY] + ([_V4_ANY_KEY] if kind is Kind.V4 else [])
             yield from (self.buckets[k] for k in keys if k in self.buckets)
             return
-        for bucket_key, bucket in self.buckets.items():
-            other = bucket_key[0]
-            if other is Kind.ANY or (kind is Kind.V4 and other is Kind.V4):
-                yield bucket
-            elif kind is Kind.ANY and (other is Kind.V6 or not new.v6only):
+        # A wildcard meets every address of the families it covers.
+        for (other, _), bucket in self.buckets.items():
+            if (
+                other is Kind.ANY
+                or (kind is Kind.V4 and other is Kind.V4)
+                or (kind is Kind.ANY and (other is Kind.V6 or not new.v6only))
+            ):
                 yield bucket
 
     def wildcards(self) -> Iterator[_Bucket]:
         """The buckets of 0.0.0.0, ::ffff:0.0.0.0 and :: (the secondary hash's wildcard list)."""
         yield from (self.buckets[k] for k in (_V4_ANY_KEY, _ANY_KEY) if k in self.buckets)
 
-    def first_relevant(self, new: Sock, buckets: Iterator[_Bucket]) -> Sock | None:
+    def first_relevant(self, new: Sock, buckets: Iterable[_Bucket]) -> Sock | None:
+        """The socket relevant to ``new`` that comes first in chain order across ``buckets``."""
         best: tuple[tuple[int, int], Sock] | None = None
         for bucket in buckets:
             found = bucket.first_relevant(new)
@@ -223,10 +239,14 @@ class PortTable:
     """The kernel's UDP port table for one network namespace, as far as bind() is concerned.
 
     ``bind`` adds sockets in order and answers as the kernel would; sockets that the kernel
-    would refuse are not added. ``hash_entries`` is ``net.ipv4.udp_hash_entries``.
+    would refuse are not added. ``hash_entries`` is the size of the kernel's UDP hash table,
+    ``net.ipv4.udp_hash_entries`` (a child namespace that shares the host's table reads it as a
+    negative number; pass its absolute value).
     """
 
     def __init__(self, hash_entries: int = DEFAULT_HASH_ENTRIES) -> None:
+        if hash_entries < 1 or hash_entries & (hash_entries - 1):
+            raise ValueError(f"hash_entries must be a power of two, not {hash_entries}")
         self._mask = hash_entries - 1
         self._ports: dict[int, _Port] = {}
         self._slot_counts: dict[int, int] = {}
@@ -242,15 +262,13 @@ class PortTable:
         port = self._ports.get(new.name.port)
         if port is None:
             return None
-        specific = not new.name.is_wildcard
-        if specific and self._slot_counts.get(new.name.port & self._mask, 0) > (
-            SECONDARY_HASH_THRESHOLD
-        ):
+        busy = self._slot_counts.get(new.name.port & self._mask, 0) > SECONDARY_HASH_THRESHOLD
+        if busy and not new.is_wildcard:
             # Secondary hash: the same-address list and the wildcard list are each decided
             # by their own first relevant socket; either refusal is a refusal.
             own = port.buckets.get(_address_key(new))
             for group in ([own] if own is not None else [], port.wildcards()):
-                first = port.first_relevant(new, iter(group))
+                first = port.first_relevant(new, group)
                 if first is not None and not accepts(new, first):
                     return first
             return None

@@ -2,6 +2,8 @@
 
 Pure except ``load``/``load_default``, which read a file. Never touches sockets, logging or
 metrics. Problems read ``FILE:LINE: path: message`` and the CLI turns them into exit 78.
+Also owns the defaults of the source policy (access lists, rate limit, reflection guard) that
+``guard.py`` enforces.
 """
 
 from __future__ import annotations
@@ -35,6 +37,43 @@ _LOOKS_LIKE_ADDRESS = re.compile(r"^[\d.]*\.[\d.]*$|^[\da-fA-F.:]*:[\da-fA-F.:]*
 _METRICS_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<v4>[^:\[\]]*)):(?P<port>\d{1,5})$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+# User names as shadow's useradd accepts them: no leading '-', at most 32 characters, an
+# optional trailing '$' (machine accounts). All-digit names are refused: they read as uids.
+_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}$|^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,30}\$$")
+USER_NAME_MAX = 32
+
+# Source policy (see docs/security.md for why each value is what it is).
+MAX_RATE = 1_000_000  # packets a second; one Python loop serves far fewer
+MAX_BURST = 1_000_000
+DEFAULT_IPV6_PREFIX = 64  # one IPv6 subscriber or LAN usually holds a whole /64
+DEFAULT_MAX_SOURCES = 65536  # about 11 MB of tracked sources (about 170 bytes each)
+MAX_SOURCES_LIMIT = 1 << 22  # about 700 MB: beyond this, limit in the firewall instead
+DEFAULT_MAX_AMPLIFICATION = 2.0
+MAX_AMPLIFICATION = 100.0
+# Source ports no client sends from. A datagram "from" one of them is either spoofed to bounce
+# our reply at that service (which may answer back: a loop) or aimed at an amplifier's victim.
+# Source port 0 is refused as well, always: it is not a port anything can receive on.
+REFLECTION_PORTS: dict[int, str] = {
+    7: "echo",
+    9: "discard",
+    13: "daytime",
+    17: "qotd",
+    19: "chargen",
+    37: "time",
+    53: "dns",
+    69: "tftp",
+    111: "sunrpc",
+    123: "ntp",
+    137: "netbios-ns",
+    161: "snmp",
+    389: "cldap",
+    520: "rip",
+    1900: "ssdp",
+    3702: "ws-discovery",
+    5353: "mdns",
+    11211: "memcached",
+}
+DEFAULT_REFLECTION_PORTS = tuple(sorted(REFLECTION_PORTS))
 
 
 class Family(enum.StrEnum):
@@ -83,6 +122,32 @@ class InterfaceName:
 
 
 Target = Wildcard | Literal | InterfaceName
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket per source: ``burst`` datagrams at once, refilled at the given rate.
+
+    IPv4 sources are limited one address each, IPv6 sources one ``ipv6_prefix`` network
+    each; at most ``max_sources`` are tracked (the least recently seen are forgotten).
+    """
+
+    packets_per_second: float
+    burst: int
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
+    max_sources: int = DEFAULT_MAX_SOURCES
+
+
+@dataclass(frozen=True, slots=True)
+class ReflectionPolicy:
+    """No reply to source ports in ``ports`` (and 0), to sources that cannot be a client
+    (unspecified, multicast, broadcast), or larger than ``max_amplification`` times the request.
+    """
+
+    enabled: bool = True
+    ports: tuple[int, ...] = DEFAULT_REFLECTION_PORTS
+    max_amplification: float = DEFAULT_MAX_AMPLIFICATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +167,11 @@ class Listener:
     recv_buffer: int = DEFAULT_RECV_BUFFER
     required: bool = True
     enabled: bool = True
+    # Source policy; v4-mapped networks are stored as IPv4 ones (sources are normalised too).
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    rate_limit: RateLimit | None = None
+    reflection_guard: ReflectionPolicy = field(default_factory=ReflectionPolicy)
     line: int = 0
 
 
@@ -148,6 +218,7 @@ class Config:
     listeners: tuple[Listener, ...]
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    user: str = ""  # switch to this user after binding; "" stays who we are
 
     @property
     def enabled_listeners(self) -> tuple[Listener, ...]:
@@ -236,13 +307,16 @@ def parse_text(text: str, source: str) -> Config:
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.StrEnum)
 
-TOP_KEYS = frozenset({"listeners", "metrics", "logging"})
+TOP_KEYS = frozenset({"listeners", "metrics", "logging", "user"})
 LISTENER_KEYS = frozenset(
     {
         "name", "interface", "port", "family", "responder", "drop_rate", "device",
         "reuse_port", "freebind", "recv_buffer", "required", "enabled",
+        "allow", "deny", "rate_limit", "reflection_guard",
     }
 )  # fmt: skip
+RATE_LIMIT_KEYS = frozenset({"packets_per_second", "burst", "ipv6_prefix", "max_sources"})
+REFLECTION_KEYS = frozenset({"enabled", "ports", "max_amplification"})
 METRICS_KEYS = frozenset({"listen", "tls"})
 TLS_KEYS = frozenset({"cert", "key", "client_ca"})
 LOGGING_KEYS = frozenset({"level", "format"})
@@ -348,7 +422,8 @@ class _Checker:
         logging = LoggingConfig()
         if fields.get("logging", Item(None, 0)).value is not None:
             logging = self.logging(fields["logging"]) or logging
-        return Config(self.source, listeners, metrics, logging)
+        user = self.optional(fields, "user", "", lambda i, _: self.user(i))
+        return Config(self.source, listeners, metrics, logging, user or "")
 
     def listeners(self, item: Item) -> tuple[Listener, ...]:
         if not isinstance(item.value, list):
@@ -425,6 +500,10 @@ class _Checker:
         }
         recv_buffer = self.optional(fields, "recv_buffer", path, self.size)
         name = self.optional(fields, "name", path, self.name)
+        allow = self.optional(fields, "allow", path, lambda i, p: self.networks(i, p, allow=True))
+        deny = self.optional(fields, "deny", path, lambda i, p: self.networks(i, p, allow=False))
+        rate_limit = self.optional(fields, "rate_limit", path, self.rate_limit)
+        reflection = self.optional(fields, "reflection_guard", path, self.reflection_guard)
         if port is None or interface is None or target is None or len(self.problems) > before:
             return None
         if not self.coherent(fields, path, target, family, device or ""):
@@ -439,6 +518,10 @@ class _Checker:
             drop_rate=drop_rate or 0.0,
             device=device or "",
             recv_buffer=recv_buffer or DEFAULT_RECV_BUFFER,
+            allow=allow or (),
+            deny=deny or (),
+            rate_limit=rate_limit,
+            reflection_guard=ReflectionPolicy() if reflection is None else reflection,
             line=item.line,
             **{key: value for key, value in flags.items() if value is not None},
         )
@@ -518,6 +601,220 @@ class _Checker:
             return None
         if not value.strip() or any(ch.isspace() or not ch.isprintable() for ch in value):
             self.problem(item, path, f"{value!r}: names must be non-empty with no spaces")
+            return None
+        return value
+
+    # -- source policy -------------------------------------------------------------------------
+
+    def networks(self, item: Item, path: str, *, allow: bool) -> tuple[Network, ...] | None:
+        """``allow``/``deny``: a list of addresses and networks, or one as a plain string."""
+        value = item.value
+        if isinstance(value, str):
+            entries, single = [item], True
+        elif isinstance(value, list):
+            entries, single = value, False
+        else:
+            self.problem(
+                item,
+                path,
+                f"expected a list of addresses or networks, got {_type_name(value)}",
+            )
+            return None
+        if not entries and allow:
+            # Refusing everyone is what "allow nothing" means, and never what was meant.
+            self.problem(
+                item,
+                path,
+                "an empty allow list would refuse every source: "
+                "list the sources to allow, or remove the key to allow all",
+            )
+            return None
+        seen: dict[Network, int] = {}
+        for index, entry in enumerate(entries):
+            entry_path = path if single else f"{path}[{index}]"
+            network = self.network(entry, entry_path)
+            if network is None:
+                continue
+            if network in seen:
+                first = f"{path}[{seen[network]}]"
+                text = (_text(entry) or "").strip()
+                # Perhaps spelled differently: ::ffff:10.0.0.0/104 is 10.0.0.0/8.
+                message = (
+                    f"{network} is listed twice (also {first})"
+                    if text == str(network)
+                    else f"{text!r} is {network}, already listed as {first}"
+                )
+                self.problem(entry, entry_path, message)
+                continue
+            seen[network] = index
+        return tuple(seen)
+
+    def network(self, item: Item, path: str) -> Network | None:
+        text = self.typed(
+            item, path, str, "an address or network such as 192.0.2.0/24 or 2001:db8::/32"
+        )
+        if text is None:
+            return None
+        text = text.strip()
+        if "%" in text:
+            # Sources are matched without their zone; a zone here would suggest otherwise.
+            self.problem(item, path, f"{text!r}: an access list takes no %zone")
+            return None
+        kind: type[Network] = ipaddress.IPv6Network if ":" in text else ipaddress.IPv4Network
+        try:
+            network: Network = kind(text)
+        except ValueError as error:
+            try:
+                loose = kind(text, strict=False)
+            except ValueError:
+                self.problem(item, path, f"{text!r} is not an address or network: {error}")
+                return None
+            one = _unmapped(kind(text.partition("/")[0]))
+            self.problem(
+                item,
+                path,
+                f"{text!r} has host bits set: write {_unmapped(loose)} for the network, "
+                f"or {one} for one address",
+            )
+            return None
+        return _unmapped(network)
+
+    def rate_limit(self, item: Item, path: str) -> RateLimit | None:
+        fields = self.mapping(item, path, RATE_LIMIT_KEYS)
+        if fields is None:
+            return None
+        before = len(self.problems)
+        rate: float | None = None
+        burst: int | None = None
+        if "packets_per_second" not in fields:
+            self.problem(
+                item,
+                f"{path}.packets_per_second",
+                "required: the packets a second one source may send, e.g. 10",
+            )
+        else:
+            rate = self.rate(fields["packets_per_second"], f"{path}.packets_per_second")
+        if "burst" not in fields:
+            self.problem(
+                item, f"{path}.burst", "required: the packets one source may send at once, e.g. 20"
+            )
+        else:
+            burst = self.integer(fields["burst"], f"{path}.burst", 1, MAX_BURST)
+        prefix = self.optional(fields, "ipv6_prefix", path, lambda i, p: self.integer(i, p, 1, 128))
+        sources = self.optional(
+            fields, "max_sources", path, lambda i, p: self.integer(i, p, 1, MAX_SOURCES_LIMIT)
+        )
+        if rate is None or burst is None or len(self.problems) > before:
+            return None
+        return RateLimit(
+            rate,
+            burst,
+            DEFAULT_IPV6_PREFIX if prefix is None else prefix,
+            DEFAULT_MAX_SOURCES if sources is None else sources,
+        )
+
+    def rate(self, item: Item, path: str) -> float | None:
+        value = item.value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(
+                item, path, f"expected a number of packets a second, got {_type_name(value)}"
+            )
+            return None
+        if not (math.isfinite(value) and 0 < value <= MAX_RATE):
+            self.problem(item, path, f"{value} is not in 0..{MAX_RATE} (above 0)")
+            return None
+        return float(value)
+
+    def integer(self, item: Item, path: str, low: int, high: int) -> int | None:
+        value = self.typed(item, path, int, f"a whole number {low}..{high}")
+        if value is not None and not low <= value <= high:
+            self.problem(item, path, f"{value} is not in {low}..{high}")
+            return None
+        return value
+
+    def reflection_guard(self, item: Item, path: str) -> ReflectionPolicy | None:
+        if item.value is None:
+            return ReflectionPolicy()  # an empty section means its defaults
+        if isinstance(item.value, bool):
+            self.problem(
+                item,
+                path,
+                f"expected a mapping, got {_type_name(item.value)} "
+                f"(write {{enabled: {str(item.value).lower()}}})",
+            )
+            return None
+        fields = self.mapping(item, path, REFLECTION_KEYS)
+        if fields is None:
+            return None
+        before = len(self.problems)
+        enabled = self.optional(
+            fields, "enabled", path, lambda i, p: self.typed(i, p, bool, "true or false")
+        )
+        ports = self.optional(fields, "ports", path, self.reflection_ports)
+        factor = self.optional(fields, "max_amplification", path, self.amplification)
+        if len(self.problems) > before:
+            return None
+        return ReflectionPolicy(
+            True if enabled is None else enabled,
+            DEFAULT_REFLECTION_PORTS if ports is None else ports,
+            DEFAULT_MAX_AMPLIFICATION if factor is None else factor,
+        )
+
+    def reflection_ports(self, item: Item, path: str) -> tuple[int, ...] | None:
+        if not isinstance(item.value, list):
+            self.problem(
+                item,
+                path,
+                f"expected a list of port numbers, got {_type_name(item.value)} "
+                "(write [] for none but port 0)",
+            )
+            return None
+        ports: dict[int, int] = {}
+        for index, entry in enumerate(item.value):
+            entry_path = f"{path}[{index}]"
+            port = self.typed(entry, entry_path, int, "a port number 1..65535")
+            if port is None:
+                continue
+            if port == 0:
+                self.problem(
+                    entry, entry_path, "0 is not in 1..65535 (source port 0 is always refused)"
+                )
+            elif not 1 <= port <= 65535:
+                self.problem(entry, entry_path, f"{port} is not in 1..65535")
+            elif port in ports:
+                self.problem(
+                    entry, entry_path, f"{port} is listed twice (also {path}[{ports[port]}])"
+                )
+            else:
+                ports[port] = index
+        return tuple(sorted(ports))
+
+    def amplification(self, item: Item, path: str) -> float | None:
+        value = item.value
+        what = f"a number 1.0..{MAX_AMPLIFICATION}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(item, path, f"expected {what}, got {_type_name(value)}")
+            return None
+        if not (math.isfinite(value) and 1.0 <= value <= MAX_AMPLIFICATION):
+            self.problem(item, path, f"{value} is not in 1.0..{MAX_AMPLIFICATION}")
+            return None
+        return float(value)
+
+    def user(self, item: Item) -> str | None:
+        """The top-level ``user``: syntax only; whether it exists is known only at run time."""
+        value = self.typed(item, "user", str, "a user name")
+        if value is None:
+            return None
+        if value.isdigit():
+            self.problem(item, "user", f"{value!r} is all digits: give a user name, not a uid")
+            return None
+        if not _USER.match(value) or value in {".", ".."}:
+            self.problem(
+                item,
+                "user",
+                f"{value!r} is not a user name (letters, digits, '_', '.', '-'; "
+                f"at most {USER_NAME_MAX} characters)",
+            )
             return None
         return value
 
@@ -652,6 +949,19 @@ def _bad_address(text: str, address_part: str) -> str:
         except ValueError as error:
             return f"{text!r} is not a valid address: {error}"
     return f'{text!r} is not an IP address, "*" or an interface name'
+
+
+def _unmapped(network: Network) -> Network:
+    """A network inside ::ffff:0:0/96 as the IPv4 network it stands for; others unchanged.
+
+    A dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d; their sources are normalised to
+    IPv4 before matching, so the lists are too.
+    """
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def _default_name(

@@ -1,7 +1,9 @@
 """The I/O shell: bind the planned sockets and serve them all from one ``selectors`` loop.
 
-Never parses YAML or decides clashes: it is handed a survey and bindings. Signals reach the
-loop as bytes on a wake-up socketpair (the handlers themselves do nothing), and are
+Never parses YAML or decides clashes: it is handed a survey and bindings. Owns the start and
+reload transaction (``apply``: bind, close, relabel, roll back), the state a scrape reads
+(published as one ``Snapshot`` reference), and the sd_notify sequence around a reload. Signals
+reach the loop as bytes on a wake-up socketpair (the handlers themselves do nothing), and are
 dispatched from an explicit table.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from udpbindd.activation import Inherited
+from udpbindd.activation import Inherited, assign
 from udpbindd.clash import Clash
 from udpbindd.config import Config, ConfigError, Listener
 from udpbindd.expand import Binding
@@ -52,9 +54,11 @@ class Served:
     stats: Stats = field(default_factory=Stats)
     reply: Reply = field(init=False)
     drop_rate: float = field(init=False)
+    inode: int = field(init=False)  # identifies the socket in /proc and sock_diag
 
     def __post_init__(self) -> None:
         self.configure(self.binding)
+        self.inode = os.fstat(self.sock.fileno()).st_ino
 
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel discarded on this socket (its receive queue was full)."""
@@ -147,6 +151,8 @@ class Outcome:
     plan: Plan
     failures: tuple[Failure, ...]
     rolled_back: bool
+    # Previous sockets that a rollback could not bind again (another process took the name).
+    lost: tuple[Failure, ...] = ()
 
     @property
     def required_failures(self) -> list[Failure]:
@@ -184,8 +190,9 @@ class Daemon:
         self._loader = loader
         self._inherited = list(inherited or [])
         self._activated = inherited is not None and bool(inherited)
+        self._adopted: dict[Binding, Inherited] = {}
         self._survey = surveyor
-        self._published: tuple[Served, ...] = ()
+        self._snapshot = Snapshot()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -209,25 +216,28 @@ class Daemon:
 
     def own_inodes(self) -> set[int]:
         """Inodes of the sockets udpbindd holds (serving or inherited): never foreign."""
-        socks = [served.sock for served in self.served.values()]
-        socks += [item.sock for item in self._inherited]
-        return {os.fstat(sock.fileno()).st_ino for sock in socks}
+        inodes = {served.inode for served in self.served.values()}
+        inodes.update(os.fstat(item.sock.fileno()).st_ino for item in self._inherited)
+        return inodes
 
     def snapshot(self) -> Snapshot:
         """What a scrape reports; safe to call from the metrics thread (reads one reference)."""
-        return Snapshot(
-            bound=self._published,
-            down=tuple(Down(f.listener.name, f.socket) for f in self.failures),
-            reload_ok=self.reload_ok,
-            reload_timestamp=self.reload_timestamp,
-        )
+        return self._snapshot
 
     def status_text(self) -> str:
         return f"{len(self.served)} bound, 0 waiting, {len(self.failures)} failed"
 
     def _publish(self) -> None:
-        # One reference swap: the metrics thread never sees a dict being changed.
-        self._published = tuple(self.served.values())
+        # One reference swap, once the served set, its failures and the reload gauges all say
+        # the same: a scrape sees the state before a change or after it, never a mixture.
+        # Served objects are never changed once published (a relabel makes a new one), so the
+        # snapshot cannot move under a scrape either; only the plain counters keep counting.
+        self._snapshot = Snapshot(
+            bound=tuple(self.served.values()),
+            down=tuple(Down(f.listener.name, f.socket) for f in self.failures),
+            reload_ok=self.reload_ok,
+            reload_timestamp=self.reload_timestamp,
+        )
 
     # -- start and reload ----------------------------------------------------------------------
 
@@ -241,6 +251,7 @@ class Daemon:
         Raises:
             StartFailed: a required listener could not be bound (nothing is left open).
         """
+        self._assign_inherited(survey)
         outcome = self.apply(survey)
         self._log_failures(outcome, only_optional=True)
         self._adopt_leftovers()
@@ -249,54 +260,61 @@ class Daemon:
             raise StartFailed(outcome.required_failures)
         self.failures = list(outcome.failures)
         self.reload_ok, self.reload_timestamp = True, time.time()
+        self._publish()
 
     def apply(self, survey: Survey) -> Outcome:
         """Move from the serving set to the one ``survey`` describes, as one transaction.
 
-        Kept sockets are untouched; relabelled ones change per-packet settings only. A new
-        socket whose name overlaps an old one being closed is bound right after closing it;
-        other old sockets close once the new set is bound. If a required binding fails, the
-        previous set is restored (what was closed is bound again) and nothing else changes.
+        Kept sockets are untouched. A new socket whose name overlaps an old one being closed
+        is bound right after closing it; other old sockets close once the new set is bound.
+        If a required binding fails, the previous set is restored (what was closed is bound
+        again, what was opened is closed) and nothing else changes: relabels and the counters
+        of re-bound sockets only take effect once every binding has succeeded. A listener
+        with ``required: false`` that fails is reported in the outcome, not rolled back.
+
+        The caller publishes the result (``_publish``) with its failures and reload state.
         """
-        clashes = {clash.binding: clash for clash in survey.clashes}
         failures = [
             Failure(u.listener, f"{u.listener.interface} port {u.listener.port}", u.reason)
             for u in survey.expansion.unresolved
         ]
         failures += [_clash_failure(clash) for clash in survey.clashes]
-        wanted = [b for b in survey.expansion.bindings if b not in clashes]
+        wanted = _without_clashes(survey)
         plan = diff({name: s.binding for name, s in self.served.items()}, wanted)
         if any(failure.required for failure in failures):
             # Refuse before touching anything: a change bound to fail must not take ports
             # from other processes, or close serving sockets, even for a moment.
             return Outcome(plan, tuple(failures), rolled_back=True)
+        order = list(self.served)
         closes = [self.served[name].binding for name in plan.closes]
         closed: dict[SocketName, Served] = {}
         opened: dict[SocketName, Served] = {}
         for binding, first in close_order(plan.opens, closes, os.geteuid()):
             for name in first:
-                closed[name] = self._detach(name)
+                closed[name] = self._retire(name)
             served, failure = self._open(binding)
             if failure is not None:
                 failures.append(failure)
                 if failure.required:
-                    self._rollback(opened, closed)
-                    return Outcome(plan, tuple(failures), rolled_back=True)
+                    lost = self._rollback(opened, closed, order)
+                    return Outcome(plan, tuple(failures), rolled_back=True, lost=lost)
             elif served is not None:
                 opened[binding.name] = served
+        # Commit. Nothing below can fail, so nothing below needs undoing.
         for name in plan.closes:
             if name not in closed:
-                closed[name] = self._detach(name)
+                closed[name] = self._retire(name)
         for binding in plan.relabel:
-            self.served[binding.name].configure(binding)
+            self.served[binding.name] = self._relabel(self.served[binding.name], binding)
         for name, served in opened.items():
             old = closed.get(name)
             if old is not None:
                 served.stats = old.stats  # a re-bound socket name keeps counting on
             self.served[name] = served
         for name in plan.remove:
-            log.info("listener_closed", socket=str(name))
-        self._publish()
+            log.info(
+                "listener_closed", listener=closed[name].binding.listener.name, socket=str(name)
+            )
         return Outcome(plan, tuple(failures), rolled_back=False)
 
     def _open(self, binding: Binding) -> tuple[Served | None, Failure | None]:
@@ -322,61 +340,131 @@ class Daemon:
         )
         return served, None
 
+    def _relabel(self, old: Served, binding: Binding) -> Served:
+        """The same socket and counters with ``binding``'s per-packet settings and labels.
+
+        A new object, not ``old.configure``: ``old`` may be in the published snapshot, which
+        must show the old labels until the new snapshot replaces it as a whole.
+        """
+        new = Served(binding, old.sock, old.recv_buffer, old.stats)
+        self._selector.modify(old.sock, selectors.EVENT_READ, new)
+        log.info(
+            "listener_relabelled",
+            listener=binding.listener.name,
+            previous=old.binding.listener.name,
+            socket=str(binding.name),
+            responder=binding.listener.responder.value,
+            drop_rate=binding.listener.drop_rate,
+        )
+        return new
+
     def _detach(self, name: SocketName) -> Served:
         served = self.served.pop(name)
         self._selector.unregister(served.sock)
         served.sock.close()
         return served
 
-    def _rollback(self, opened: dict[SocketName, Served], closed: dict[SocketName, Served]) -> None:
-        """Undo a failed transaction: close what it opened, bind again what it closed."""
+    def _retire(self, name: SocketName) -> Served:
+        """Close a serving socket during a reload, answering what is already queued on it."""
+        # Datagrams queued on a socket are lost when it closes; answering them first narrows
+        # the gap of a swap (127.0.0.1 to 0.0.0.0) to the moment between this read and close.
+        self.served[name].drain(self._buffer, self._view)
+        return self._detach(name)
+
+    def _rollback(
+        self,
+        opened: dict[SocketName, Served],
+        closed: dict[SocketName, Served],
+        order: list[SocketName],
+    ) -> tuple[Failure, ...]:
+        """Undo a failed transaction: close what it opened, bind again what it closed.
+
+        Returns the old sockets that could not be bound again (another process took their
+        name in between); everything else serves exactly as before, in the same order.
+        """
         for served in opened.values():
+            served.drain(self._buffer, self._view)
             self._selector.unregister(served.sock)
             served.sock.close()
+        lost: list[Failure] = []
         for name, old in closed.items():
             restored, failure = self._open(old.binding)
             if restored is None:
-                log.error("rollback_rebind_failed", socket=str(name), error=str(failure))
+                assert failure is not None  # noqa: S101 - _open returns one or the other
+                log.error(
+                    "rollback_rebind_failed",
+                    listener=old.binding.listener.name,
+                    socket=str(name),
+                    errno=failure.errno_name or None,
+                    error=failure.reason,
+                )
+                lost.append(failure)
                 continue
             restored.stats = old.stats
             self.served[name] = restored
-        self._publish()
+        self.served = {name: self.served[name] for name in order if name in self.served}
+        return tuple(lost)
+
+    def _assign_inherited(self, survey: Survey) -> None:
+        """Match the passed sockets to bindings; report and close those that serve none.
+
+        Closed before anything is bound: a listener may then bind that name itself (the
+        survey counted these sockets as udpbindd's own, not as clashes).
+        """
+        if not self._inherited:
+            return
+        assignment = assign(self._inherited, survey.expansion.bindings)
+        for unmatched in assignment.unmatched:
+            item = unmatched.item
+            log.warning(
+                "inherited_unmatched",
+                fdname=item.fdname,
+                socket=str(item.name),
+                detail=f"{unmatched.reason}; closing it",
+            )
+            item.sock.close()
+            self._inherited.remove(item)
+        self._adopted = assignment.adopted
 
     def _take_inherited(self, binding: Binding) -> tuple[socket.socket, int] | None:
-        """An inherited socket bound to exactly this socket name, named for its listener first."""
-        matches = [item for item in self._inherited if item.name == binding.name]
-        if not matches:
+        """The passed socket ``assign`` chose for ``binding``, if any (at start only)."""
+        item = self._adopted.pop(binding, None)
+        if item is None:
             if self._activated:
-                log.info(
+                # Socket activation is in use, yet nothing was passed for this binding.
+                log.warning(
                     "listener_not_inherited",
                     listener=binding.listener.name,
                     socket=str(binding.name),
-                    detail="no passed socket has this name; binding it",
+                    detail="no passed socket has this socket name; binding it",
                 )
             return None
-        matches.sort(key=lambda item: item.fdname != binding.listener.name)
-        item = matches[0]
         self._inherited.remove(item)
-        if item.fdname and item.fdname != binding.listener.name:
-            log.warning(
-                "inherited_name_mismatch",
-                fdname=item.fdname,
-                listener=binding.listener.name,
-                socket=str(binding.name),
-            )
+        log.info(
+            "listener_inherited",
+            listener=binding.listener.name,
+            socket=str(binding.name),
+            fdname=item.fdname,
+            matched_by="name" if item.fdname == binding.listener.name else "address",
+        )
         return item.sock, set_receive_buffer(item.sock, binding.listener.recv_buffer)
 
     def _adopt_leftovers(self) -> None:
-        """Passed sockets that match no listener are reported and closed."""
+        """Passed sockets whose binding was not served (it clashed, or start failed) are closed.
+
+        After start nothing more is passed: later listeners (a reload) are simply bound.
+        """
         for item in self._inherited:
             log.warning(
                 "inherited_unmatched",
                 fdname=item.fdname,
                 socket=str(item.name),
-                detail="no listener wants this socket name; closing it",
+                detail="its listener is not served; closing it",
             )
             item.sock.close()
         self._inherited.clear()
+        self._adopted.clear()
+        self._activated = False
 
     def _holder_of(self, binding: Binding) -> str:
         """Explain an EADDRINUSE from bind() by the socket that now holds the name, if found."""
@@ -390,11 +478,17 @@ class Daemon:
         return ""
 
     def reload(self) -> None:
-        """Re-read the configuration and apply it; any failure leaves the serving set as it was."""
+        """Re-read the configuration and apply it; any failure leaves the serving set as it was.
+
+        Around it, sd_notify gets ``RELOADING=1`` with ``MONOTONIC_USEC`` first and
+        ``READY=1`` with a ``STATUS`` last, whatever happens in between. Every reload, good or
+        failed, ends with one ``reload_finished`` summary event.
+        """
+        began = time.monotonic()
         self.notifier.reloading()
         log.info("reload_started")
         if self._loader is None:
-            self._reload_failed("no configuration file to read again")
+            self._reload_failed("no configuration file to read again", began, failed=1)
             return
         try:
             config = self._loader()
@@ -405,38 +499,66 @@ class Daemon:
         if problems:
             for problem in problems:
                 log.error("config_problem", problem=str(problem))
-            self._reload_failed(f"invalid configuration: {problems[0]}")
+            reason = f"invalid configuration: {problems[0]}"
+            self._reload_failed(reason, began, failed=len(problems))
             return
+        loaded = time.monotonic()
         try:
             survey = self._survey(config.enabled_listeners, exclude_inodes=self.own_inodes())
         except OSError as error:
-            self._reload_failed(f"cannot read the host's sockets: {error}")
+            self._reload_failed(f"cannot read the host's sockets: {error}", began, failed=1)
             return
+        surveyed = time.monotonic()
         outcome = self.apply(survey)
         self._log_failures(outcome, only_optional=not outcome.rolled_back)
         if outcome.rolled_back:
-            self._reload_failed(str(outcome.required_failures[0]))
+            # Sockets the rollback could not bind again are down now: say so everywhere.
+            self.failures = [*self.failures, *outcome.lost]
+            reason = str(outcome.required_failures[0])
+            if outcome.lost:
+                reason += f"; {len(outcome.lost)} previous socket(s) could not be bound again"
+            self._reload_failed(reason, began, failed=len(outcome.failures))
             return
         if config.metrics != self.config.metrics:
             log.warning("metrics_listen_unchanged", detail="metrics.listen applies at restart")
         self.config = config
         self.failures = list(outcome.failures)
         self.reload_ok, self.reload_timestamp = True, time.time()
-        plan = outcome.plan
+        self._publish()
+        plan, done = outcome.plan, time.monotonic()
         log.info(
             "reload_finished",
-            added=len(plan.add),
+            ok=True,
+            # A new socket that failed (required: false) counts as failed, not as added.
+            added=sum(1 for binding in plan.add if binding.name in self.served),
             removed=len(plan.remove),
             kept=len(plan.keep),
-            rebound=len(plan.rebind),
+            rebound=sum(1 for binding in plan.rebind if binding.name in self.served),
             relabelled=len(plan.relabel),
             failed=len(outcome.failures),
+            seconds=round(done - began, 6),
+            load_seconds=round(loaded - began, 6),
+            survey_seconds=round(surveyed - loaded, 6),
+            apply_seconds=round(done - surveyed, 6),
         )
         self.notifier.ready(self.status_text())
 
-    def _reload_failed(self, reason: str) -> None:
+    def _reload_failed(self, reason: str, began: float, *, failed: int) -> None:
+        """End a reload that changed nothing: log why, publish reload_ok 0, tell systemd."""
         self.reload_ok = False
+        self._publish()
         log.error("reload_failed", reason=reason, serving=len(self.served))
+        log.info(
+            "reload_finished",
+            ok=False,
+            added=0,
+            removed=0,
+            kept=len(self.served),
+            rebound=0,
+            relabelled=0,
+            failed=failed,
+            seconds=round(time.monotonic() - began, 6),
+        )
         self.notifier.ready(f"reload failed, still serving the previous set: {reason}"[:400])
 
     def _log_failures(self, outcome: Outcome, *, only_optional: bool) -> None:
@@ -517,6 +639,24 @@ class Daemon:
         self._wake_r.close()
         self._wake_w.close()
         self.notifier.close()
+
+
+def _without_clashes(survey: Survey) -> list[Binding]:
+    """The survey's bindings that clash with nothing, in order.
+
+    A clash names the very binding object the check was given, so identity finds them
+    without hashing every binding (costly with 10,000 listeners); equality is the fallback
+    for a surveyor that built its clashes from copies.
+    """
+    bindings = survey.expansion.bindings
+    if not survey.clashes:
+        return list(bindings)
+    clashing = {id(clash.binding) for clash in survey.clashes}
+    wanted = [binding for binding in bindings if id(binding) not in clashing]
+    if len(wanted) + len(clashing) == len(bindings):
+        return wanted
+    by_value = {clash.binding for clash in survey.clashes}
+    return [binding for binding in bindings if binding not in by_value]
 
 
 def _clash_failure(clash: Clash) -> Failure:

@@ -1,16 +1,21 @@
 """Reload plans: what changes between the serving bindings and the wanted ones. Pure.
 
-Bindings are keyed by socket name. A binding whose socket options changed is re-bound; one
-whose per-packet settings (name, responder, drop rate) changed is relabelled on its open
-socket; unchanged ones are kept with their file descriptor and counters.
+Owns two decisions of a reload, and nothing that touches a socket:
+
+- ``diff``: bindings are keyed by socket name. A binding whose socket options changed is
+  re-bound; one whose other settings (name, responder, drop rate, ``required``...) changed is
+  relabelled on its open socket; unchanged ones are kept with their file descriptor and counters.
+- ``close_order``: which old sockets must be closed right before a new one is bound, because
+  the kernel would refuse the new one while they are open.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from udpbindd.bindrule import PortTable, Sock
+from udpbindd.bindrule import InvalidBind, PortTable, Sock
 from udpbindd.config import Listener
 from udpbindd.expand import Binding
 from udpbindd.names import SocketName
@@ -19,6 +24,23 @@ from udpbindd.names import SocketName
 def socket_options(listener: Listener) -> tuple[bool, bool, int]:
     """The listener settings that only a new socket can change."""
     return (listener.reuse_port, listener.freebind, listener.recv_buffer)
+
+
+def _options_differ(old: Listener, new: Listener) -> bool:
+    # ``socket_options`` without building two tuples: run once per listener on every reload.
+    return (
+        old.recv_buffer != new.recv_buffer
+        or old.reuse_port != new.reuse_port
+        or old.freebind != new.freebind
+    )
+
+
+def same_settings(old: Listener, new: Listener) -> bool:
+    """Whether two listeners differ at most in the line they are written on.
+
+    Moving a listener within the file (or adding one above it) is not a change to serve.
+    """
+    return old == new or dataclasses.replace(old, line=new.line) == new
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,25 +69,29 @@ class Plan:
 
 
 def diff(current: Mapping[SocketName, Binding], wanted: Sequence[Binding]) -> Plan:
-    """Compare the serving bindings with the wanted ones, by socket name."""
+    """Compare the serving bindings with the wanted ones, by socket name.
+
+    ``wanted`` holds each socket name once (the clash check has left duplicates out). Each
+    socket name is hashed once: with 10,000 listeners that is most of the cost of a reload's
+    plan, since hashing an ``ipaddress`` address is not cheap.
+    """
     keep: list[Binding] = []
     relabel: list[Binding] = []
     rebind: list[Binding] = []
     add: list[Binding] = []
-    wanted_names = set()
+    remaining = dict(current)  # a copy of a dict reuses its hashes
     for binding in wanted:
-        wanted_names.add(binding.name)
-        old = current.get(binding.name)
+        old = remaining.pop(binding.name, None)
         if old is None:
             add.append(binding)
-        elif socket_options(old.listener) != socket_options(binding.listener):
+        elif _options_differ(old.listener, binding.listener):
             rebind.append(binding)
-        elif old.listener != binding.listener:
-            relabel.append(binding)
+        elif same_settings(old.listener, binding.listener):
+            keep.append(old)  # the serving binding, untouched
         else:
-            keep.append(binding)
-    remove = tuple(name for name in current if name not in wanted_names)
-    return Plan(tuple(keep), tuple(relabel), tuple(rebind), tuple(add), remove)
+            relabel.append(binding)
+    # What no wanted binding claimed, in serving order.
+    return Plan(tuple(keep), tuple(relabel), tuple(rebind), tuple(add), tuple(remaining))
 
 
 def close_order(
@@ -74,8 +100,10 @@ def close_order(
     """For each socket to open, the old sockets to close right before it.
 
     An old socket is closed early only when the kernel would refuse the new one while the old
-    is open (e.g. ``127.0.0.1:53`` becoming ``0.0.0.0:53``); every other old socket stays open
-    until the new set is bound, so nothing it serves is interrupted for longer than needed.
+    is open (e.g. ``127.0.0.1:53`` becoming ``0.0.0.0:53``, or a re-bind of one socket name
+    without SO_REUSEPORT on both); every other old socket stays open until the new set is
+    bound, so nothing it serves is interrupted for longer than needed. ``closes`` are given
+    oldest first, as the kernel's hash chains order them. Each old socket is named at most once.
     """
     table = PortTable()
     socks: dict[int, SocketName] = {}
@@ -87,8 +115,11 @@ def close_order(
     for binding in opens:
         new = Sock(binding.name, reuse_port=binding.listener.reuse_port, uid=uid)
         first: list[SocketName] = []
-        while (refuser := table.conflict(new)) is not None:
-            table.remove(refuser)
-            first.append(socks[id(refuser)])
+        try:
+            while (refuser := table.conflict(new)) is not None:
+                table.remove(refuser)
+                first.append(socks[id(refuser)])
+        except InvalidBind:
+            pass  # refused whatever is open: bind() reports it, and nothing is closed for it
         steps.append((binding, tuple(first)))
     return steps

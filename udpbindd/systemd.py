@@ -1,25 +1,59 @@
-"""sd_notify adapter: READY, STATUS, RELOADING, STOPPING, WATCHDOG and EXTEND_TIMEOUT_USEC.
+"""sd_notify adapter: READY, STATUS, RELOADING, STOPPING and WATCHDOG messages to systemd.
 
 The only module that imports the untyped ``sdnotify``. Without NOTIFY_SOCKET every call is a
-no-op. It makes no decisions: the daemon says when.
+no-op. It makes no decisions (the daemon says when); it owns the wire details sdnotify leaves
+to its caller: one field per line, UTF-8, a bounded send, errors reported instead of
+swallowed, and the socket closed. ``watchdog_interval`` reads WATCHDOG_USEC and WATCHDOG_PID.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
+import warnings
 from collections.abc import Mapping
 
 import sdnotify
+import structlog
+
+log = structlog.get_logger("udpbindd")
+
+# A manager that stops reading its socket must not stall the serving loop for long; a send
+# that waits longer than this is reported and dropped.
+SEND_TIMEOUT = 1.0
+# A line break inside a value would start a field of its own (a STATUS= text could forge
+# READY=1); other control characters have no business in a status line either.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Notifier:
-    """Sends sd_notify messages to the service manager, if there is one."""
+    """Sends sd_notify messages to the service manager, if there is one.
+
+    ``environ`` decides whether there is one (tests pass ``{}`` for none); the address is
+    the process's NOTIFY_SOCKET, because that is where sdnotify reads it.
+    """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
-        self.enabled = bool(env.get("NOTIFY_SOCKET"))
-        self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        address = env.get("NOTIFY_SOCKET", "")
+        self.enabled = False
+        self._notifier: sdnotify.SystemdNotifier | None = None
+        if not address:
+            return
+        if address != os.environ.get("NOTIFY_SOCKET"):
+            raise ValueError("NOTIFY_SOCKET must be the process's own: sdnotify reads it there")
+        with warnings.catch_warnings():
+            # When connect() fails, sdnotify drops its new socket without closing it.
+            warnings.simplefilter("ignore", ResourceWarning)
+            try:
+                notifier = sdnotify.SystemdNotifier(debug=True)
+            except OSError as error:
+                log.warning("notify_socket_unusable", notify_socket=address, error=str(error))
+                return
+        notifier.socket.settimeout(SEND_TIMEOUT)
+        self._notifier = notifier
+        self.enabled = True
 
     def close(self) -> None:
         """Close the notification socket (sdnotify never does)."""
@@ -28,8 +62,19 @@ class Notifier:
             self._notifier = None
 
     def send(self, *fields: str) -> None:
-        if self._notifier is not None:
-            self._notifier.notify("\n".join(fields))
+        """Send ``fields`` (``KEY=value`` each) as one message; failures are logged, not raised."""
+        if self._notifier is None:
+            return
+        message = "\n".join(_CONTROL.sub(" ", item) for item in fields)
+        # sdnotify encodes with Latin-1, which fails on most text (and then sends nothing);
+        # systemd reads UTF-8. Spelling the UTF-8 bytes as Latin-1 sends exactly those bytes.
+        wire = message.encode("utf-8", "backslashreplace").decode("latin-1")
+        try:
+            self._notifier.notify(wire)
+        except OSError as error:
+            log.warning(
+                "notify_failed", fields=[f.partition("=")[0] for f in fields], error=str(error)
+            )
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")
@@ -48,12 +93,13 @@ class Notifier:
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 
-    def extend_timeout(self, seconds: float) -> None:
-        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
-
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when not asked for."""
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when not asked for.
+
+    As ``sd_watchdog_enabled``: WATCHDOG_PID, when set, must be this process's pid, so a
+    child that inherited the variables does not ping on the daemon's behalf.
+    """
     env = os.environ if environ is None else environ
     try:
         usec = int(env.get("WATCHDOG_USEC", ""))

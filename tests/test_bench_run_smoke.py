@@ -1,0 +1,65 @@
+"""bench/run.py --smoke: the benchmark command still builds, starts every server, measures and
+prints its tables. Never judges speed: the numbers of a smoke run mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = (
+    "C reference echo",
+    "udpbindd batched path",
+    "udpbindd daemon, plain path",
+    "uvloop echo",
+    "asyncio echo",
+    "sockperf server",
+)
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_every_row() -> None:
+    require(shutil.which("cc") is not None, "no C compiler (cc) to build the load generator")
+    require(shutil.which("taskset") is not None, "taskset (util-linux) is missing")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "SMOKE RUN" in out
+    assert re.search(r"^Machine: .+ CPUs, Linux ", out, re.MULTILINE)
+    lines = out.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("| server |")))
+    table = lines[first : lines.index("", first)]
+    for label in ROWS:
+        (row,) = [line for line in table if line.startswith(f"| {label}")]
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if cells[1].startswith("skipped:"):
+            continue  # a peer that is not installed here is named, never silently left out
+        # Four scenarios, each a figure and a ratio, then drops / lost.
+        assert len(cells) == 1 + 4 * 2 + 1, row
+        assert all(re.fullmatch(r"\d+(\.\d+)?", cell) for cell in cells[1:9:2]), row
+        assert re.fullmatch(r"\d+ / \d+", cells[9]), row
+    reference = next(line for line in table if line.startswith("| C reference"))
+    assert reference.count("| 1.00 |") == 4  # the reference against itself
+    for figure in (
+        "start to READY, 100 listeners",
+        "memory per listener",
+        "udpbindd daemon, plain path: 64 B x64 over 100 ports",
+        "udpbindd batched path (bench loop): 64 B x64 over 100 ports",
+    ):
+        assert figure in out, figure
