@@ -596,7 +596,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds: proves every part runs; the numbers mean nothing",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; quick 3)")
-    parser.add_argument("--duration", type=float, help="seconds measured per run (default 1.5)")
+    parser.add_argument("--duration", type=float, help="seconds measured per run (default 1.2)")
     parser.add_argument("--listeners", type=int, help="listeners of the many-listener test")
     parser.add_argument("--json", type=Path, help="also write every raw result here")
     parser.add_argument("--no-install", action="store_true", help="never pip/apt-install peers")
@@ -621,7 +621,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         defaults = {
             "rounds": 5,
-            "duration": 1.5,
+            "duration": 1.2,
             "warmup": 0.3,
             "listeners": 10000,
             "many_rounds": 3,

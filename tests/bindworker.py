@@ -12,7 +12,8 @@ Protocol: one JSON request per stdin line, one JSON reply per stdout line (see t
   "device": "", "reuse_addr": false, "reuse_port": false, "uid": 0}``; only family, address and
   port are required. An entry ``{"close": i}`` instead closes the socket of entry ``i`` of the
   same list; its result is ``"closed"``, or ``"not-open"`` if that socket did not bind.
-- ``{"sysctl": "net/ipv4/udp_hash_entries"}`` replies ``{"value": "16384"}`` (the namespace's view).
+- ``{"sysctl": "net.ipv4.udp_hash_entries"}`` replies ``{"value": "-16384"}``: the value as the
+  namespace sees it (negative here because a child namespace shares the host's table).
 
 A request the worker cannot understand gets ``{"error": "..."}`` rather than silence.
 """
@@ -54,7 +55,10 @@ class _Factory:
                 os.setresuid(uid, uid, uid)
                 while request := theirs.recv(16):
                     with socket.socket(int(request), socket.SOCK_DGRAM) as made:
-                        socket.send_fds(theirs, [b"s"], [made.fileno()])
+                        socket.send_fds(theirs, [b"socket"], [made.fileno()])
+                    # Only now is the worker's copy the last one: until this child closed its
+                    # own, closing the worker's copy would leave the socket bound.
+                    theirs.send(b"closed")
                 code = 0
             finally:
                 os._exit(code)
@@ -69,7 +73,11 @@ class _Factory:
         _, fds, _, _ = socket.recv_fds(self._channel, 16, 1)
         if len(fds) != 1:
             raise RuntimeError(f"the socket factory for uid {self.uid} passed no socket")
-        return socket.socket(fileno=fds[0])
+        made = socket.socket(fileno=fds[0])
+        if self._channel.recv(16) != b"closed":
+            made.close()
+            raise RuntimeError(f"the socket factory for uid {self.uid} kept its copy")
+        return made
 
     def close(self) -> None:
         self._channel.close()  # the child sees EOF and exits
@@ -125,6 +133,9 @@ def _bind_one(spec: dict[str, Any]) -> tuple[socket.socket | None, str]:
         if exc.errno is None:
             return None, type(exc).__name__
         return None, errno.errorcode.get(exc.errno, str(exc.errno))
+    except BaseException:
+        sock.close()
+        raise
     return sock, "ok"
 
 

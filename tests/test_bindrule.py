@@ -1,9 +1,11 @@
 """Table tests for udpbindd.bindrule: the measured truth tables and examples of the kernel's rule.
 
-Every expectation here is a measurement from reference/kernel-bind-rules.md (T1-T4, §2, §7),
-written as socket keys: ``127.0.0.1``, ``[::1]v6o`` (IPV6_V6ONLY=1), ``[fe80::1%vb0]`` (zone),
-with suffixes ``+RA``/``+RP`` (SO_REUSEADDR/SO_REUSEPORT), ``%dev`` (SO_BINDTODEVICE) and
-``@uid`` (the socket's owner). No sockets are opened; test_bindrule_kernel.py asks the kernel.
+The expectations are the measurements of reference/kernel-bind-rules.md (T1-T4, §2, §7), plus
+a few the kernel tests established (link- and interface-local multicast need a device; a zone on
+the address overrides SO_BINDTODEVICE) and the table's own bookkeeping (remove, insert, size).
+Sockets are written as keys: ``127.0.0.1``, ``[::1]v6o`` (IPV6_V6ONLY=1), ``[fe80::1%vb0]``
+(zone), with suffixes ``+RA``/``+RP`` (SO_REUSEADDR/SO_REUSEPORT), ``%dev`` (SO_BINDTODEVICE)
+and ``@uid`` (the socket's owner). No sockets are opened; test_bindrule_kernel.py asks the kernel.
 """
 
 from __future__ import annotations

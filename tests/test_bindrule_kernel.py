@@ -480,3 +480,16 @@ def test_worker_that_does_not_answer_fails_in_bounded_time(tmp_path: Path) -> No
         assert worker.returncode is None
     # close() ended it: its stdin was closed, so it exited, and it was reaped.
     assert worker.returncode == 0
+
+
+def test_a_closed_socket_of_another_owner_frees_its_name(kernel: Kernel) -> None:
+    # The worker gets sockets of other owners from a helper process; once closed here, no copy
+    # may survive there, or the name would stay taken. Repeated, because a leak would be a race.
+    for _ in range(100):
+        port = kernel.fresh_port()
+        events: list[Sock | Close] = [
+            sock("127.0.0.1@65534", port),
+            Close(0),
+            sock("127.0.0.1", port),
+        ]
+        assert kernel.bind(events) == ["ok", "closed", "ok"]

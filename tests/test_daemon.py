@@ -683,9 +683,7 @@ def test_sighup_without_a_file_to_read_fails_the_reload_and_serving_goes_on(
         client(4, port) as sock,
     ):
         daemon.wake(signal.SIGHUP)
-        wait_until(
-            lambda: any(e["event"] == "reload_failed" for e in log_events), "SIGHUP handled"
-        )
+        wait_until(lambda: any(e["event"] == "reload_failed" for e in log_events), "SIGHUP handled")
         assert daemon.snapshot().reload_ok is False
         sock.send(b"after")
         assert sock.recv(100) == b"Your data was 5 bytes"

@@ -126,7 +126,7 @@ def golden_snapshot() -> Snapshot:
                 1060,
                 responder=Responder.ECHO,
                 stats=Stats(5, 500, 5, 500, 0, 0),
-                drops=None,
+                drops=0,
             ),
             bound(
                 "any",
@@ -254,10 +254,13 @@ def test_every_counted_reason_is_exported_with_its_value() -> None:
     assert registry.get_sample_value("udpbindd_dropped_packets_total", kernel) == 99
 
 
-def test_a_kernel_that_cannot_count_drops_reads_zero() -> None:
+def test_an_unreadable_kernel_count_is_left_out_not_reported_as_zero() -> None:
     registry = make_registry(lambda: Snapshot(bound=[bound("x", "::1", 9, drops=None)]))
-    labels = {"listener": "x", "socket": "[::1]:9", "reason": "kernel"}
-    assert registry.get_sample_value("udpbindd_dropped_packets_total", labels) == 0
+    labels = {"listener": "x", "socket": "[::1]:9"}
+    dropped = "udpbindd_dropped_packets_total"
+    assert registry.get_sample_value(dropped, {**labels, "reason": "kernel"}) is None
+    assert registry.get_sample_value(dropped, {**labels, "reason": "simulated"}) == 0
+    assert registry.get_sample_value("udpbindd_received_packets_total", labels) == 0
 
 
 def test_a_listener_that_is_down_is_up_zero_and_has_no_other_series() -> None:
@@ -366,8 +369,15 @@ listeners:
         assert stamp is not None
         assert started <= stamp <= time.time()
 
+        before = daemon.snapshot()
         daemon.reload()  # "six" removed
         assert get_value("udpbindd_listener_up", four) == 1
+        # A scrape that took its snapshot just before the reload reads a closed socket.
+        late = make_registry(lambda: before)
+        dropped = "udpbindd_dropped_packets_total"
+        assert late.get_sample_value(dropped, {**six, "reason": "kernel"}) is None
+        assert late.get_sample_value(dropped, {**four, "reason": "kernel"}) == 0
+        assert late.get_sample_value("udpbindd_received_packets_total", six) == 0
         found = samples(exposition(registry))
         for name in (*PER_BINDING, "udpbindd_dropped_packets_total"):
             assert {s["listener"] for s in series(found, name)} == {"four"}, name

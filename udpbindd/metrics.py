@@ -138,10 +138,15 @@ class _Families:
         self.sent_packets.add_metric(labels, stats.sent_packets)
         self.sent_bytes.add_metric(labels, stats.sent_bytes)
         reasons = stats.dropped()
-        # None: the kernel cannot say (no SO_MEMINFO); 0 keeps the series for rate() and alerts.
-        reasons["kernel"] = bound.kernel_drops() or 0
+        kernel = bound.kernel_drops()
         for reason in DROP_REASONS:
-            self.dropped.add_metric([*labels, reason], reasons.get(reason, 0))
+            if reason != "kernel":
+                self.dropped.add_metric([*labels, reason], reasons.get(reason, 0))
+            elif kernel is not None:
+                self.dropped.add_metric([*labels, reason], kernel)
+            # else: the socket was closed under this scrape (a reload). Leaving the sample out
+            # for one scrape is harmless; a 0 would read as a counter reset, and increase()
+            # would count every earlier drop again.
         self.up.add_metric(labels, 1)
         family = "ipv4" if name.family == 4 else ("dual" if name.dual_stack else "ipv6")
         self.info.add_metric(
