@@ -594,15 +594,17 @@ def test_tls_files_that_cannot_be_used_are_a_metrics_error(pki: Pki, tmp_path: P
     cert, key = str(pki.server_cert), str(pki.server_key)
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
-    for tls in (
-        MetricsTLS(missing, key),
-        MetricsTLS(cert, missing),
-        MetricsTLS(cert, str(pki.client_key)),  # a key that does not match the certificate
-        MetricsTLS(cert, key, missing),
-        MetricsTLS(cert, key, str(garbage)),
+    for tls, named in (
+        (MetricsTLS(missing, key), f"cert {missing}, key {key}: "),
+        (MetricsTLS(cert, missing), f"cert {cert}, key {missing}: "),
+        # a key that does not match the certificate
+        (MetricsTLS(cert, str(pki.client_key)), f"cert {cert}, key {pki.client_key}: "),
+        (MetricsTLS(cert, key, missing), f"client_ca {missing}: "),
+        (MetricsTLS(cert, key, str(garbage)), f"client_ca {garbage}: "),
     ):
-        with pytest.raises(MetricsError, match=r"^cannot load the metrics TLS files: "):
+        with pytest.raises(MetricsError) as caught:
             tls_context(tls)
+        assert str(caught.value).startswith(f"cannot load the metrics TLS files: {named}")
     server = MetricsServer(make_registry(golden_snapshot))
     with pytest.raises(MetricsError):
         server.start([Endpoint("127.0.0.1", 0)], MetricsTLS(cert, missing))
@@ -864,6 +866,7 @@ def test_a_missing_tls_file_stops_the_daemon_with_a_clear_message(
     stderr = proc.stderr.decode()
     assert "Traceback" not in stderr
     assert plain_lines(proc.stderr) == [
-        "udpbindd: cannot load the metrics TLS files: [Errno 2] No such file or directory"
+        f"udpbindd: cannot load the metrics TLS files: cert {pki.server_cert}, key {missing}:"
+        " [Errno 2] No such file or directory"
     ]
     assert not listening("127.0.0.1", metrics_port)

@@ -221,13 +221,21 @@ def tls_context(tls: MetricsTLS) -> ssl.SSLContext:
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # ssl's errors do not name the file: the message does, for the operator.
     try:
         context.load_cert_chain(tls.cert, tls.key)
-        if tls.client_ca:
-            context.load_verify_locations(cafile=tls.client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as error:
-        raise MetricsError(f"cannot load the metrics TLS files: {error}") from None
+        raise MetricsError(
+            f"cannot load the metrics TLS files: cert {tls.cert}, key {tls.key}: {error}"
+        ) from None
+    if tls.client_ca:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise MetricsError(
+                f"cannot load the metrics TLS files: client_ca {tls.client_ca}: {error}"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 

@@ -2,7 +2,9 @@
 
 Sets every option before bind() (IPV6_V6ONLY always explicitly; never SO_REUSEADDR), reads
 back the receive buffer the kernel granted, and turns errno into a ``BindError`` that says
-what it means for an operator. Knows nothing of YAML, metrics or the loop.
+what it means for an operator. Also owns the packet-info option and control messages that let
+a wildcard socket answer from the address each request was sent to. Knows nothing of YAML,
+metrics or the loop.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from udpbindd.names import SocketName
 
 # Python 3.11's socket module lacks these Linux constants.
 IP_FREEBIND = 15
+IP_PKTINFO = 8
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 SO_RCVBUFFORCE = 33
 SO_MEMINFO = 55
 _SK_MEMINFO_DROPS = 8  # index of SK_MEMINFO_DROPS in the SO_MEMINFO u32 array
 _MEMINFO_WORDS = 9
 _INT_MAX = 2**31 - 1
+# Room for one in_pktinfo (12 bytes) or in6_pktinfo (20 bytes) control message, the only one a
+# listener socket is asked for.
+PKTINFO_SPACE = socket.CMSG_SPACE(20)
+# The first 12 bytes of a v4-mapped IPv6 address (::ffff:0:0/96).
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 _MEANINGS = {
     errno.EADDRINUSE: "address already in use: another socket already covers this socket name",
@@ -89,6 +99,8 @@ def open_udp(name: SocketName, options: Options) -> tuple[socket.socket, int]:
             step = f"binding to device {name.device}"
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.device.encode())
         granted = set_receive_buffer(sock, options.recv_buffer)
+        if name.is_wildcard:
+            enable_pktinfo(sock)
         step = "bind"
         if name.is_link_local:
             step = f"looking up zone {name.device}"
@@ -121,6 +133,44 @@ def set_receive_buffer(sock: socket.socket, requested: int) -> int:
             with contextlib.suppress(PermissionError):
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, requested)
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def enable_pktinfo(sock: socket.socket) -> None:
+    """Ask for each datagram's destination address (IP_PKTINFO, IPV6_RECVPKTINFO).
+
+    A wildcard socket needs it to answer from the address a request was sent to: left to
+    routing, the reply may leave from another address of the host, and a client that
+    connected to the address it sent to discards it. A dual-stack socket reports its IPv4
+    datagrams as IPV6_PKTINFO with v4-mapped addresses.
+    """
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+
+
+def reply_source(
+    ancillary: list[tuple[int, int, bytes]],
+) -> list[tuple[int, int, bytes]]:
+    """The control message for ``sendmsg`` that makes a reply leave from the address its
+    request (received with ``ancillary``) was sent to; [] when it carried no packet info.
+
+    IPv4 (and v4-mapped) replies keep the local address but not the interface: the route
+    back to a client need not leave through the interface its request came in on, so the
+    kernel picks it. An IPv6 reply keeps both, as the batched path does: a link-local
+    source is only meaningful with its interface.
+    """
+    for level, kind, data in ancillary:
+        if level == socket.SOL_IP and kind == IP_PKTINFO and len(data) >= 12:
+            # struct in_pktinfo {int ipi_ifindex; in_addr ipi_spec_dst; in_addr ipi_addr}:
+            # sendmsg takes ipi_spec_dst as the source address.
+            return [(level, kind, bytes(4) + data[4:12])]
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            # struct in6_pktinfo {in6_addr ipi6_addr; int ipi6_ifindex}
+            if data[:12] == _V4_MAPPED:
+                return [(level, kind, data[:16] + bytes(4))]
+            return [(level, kind, data[:20])]
+    return []
 
 
 def kernel_drops(sock: socket.socket) -> int | None:
