@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from udpbindd import __version__, activation, logs
+from udpbindd import __version__, activation, logs, privileges
 from udpbindd.config import (
     DEFAULT_PATH,
     Config,
@@ -26,6 +26,7 @@ from udpbindd.config import (
     load_default,
 )
 from udpbindd.daemon import Daemon, StartFailed
+from udpbindd.expand import Binding
 from udpbindd.metrics import MetricsError, MetricsServer, make_registry
 from udpbindd.probe import DEFAULT_MESSAGE, ProbeFailed, printable, probe
 from udpbindd.report import as_json, as_text, ok
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run the daemon in the foreground", parents=[logging_options]
     )
     run.add_argument("-c", "--config", type=Path, help=config_help)
+    run.add_argument(
+        "--user", metavar="NAME",
+        help="switch to this user once every socket is bound (overrides user:)",
+    )  # fmt: skip
 
     check = commands.add_parser(
         "check",
@@ -147,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args, config)
     if args.command == "check":
         return _check(args, config)
-    return _run(args.config, config)
+    return _run(args.config, config, args.user)
 
 
 def _check(args: argparse.Namespace, config: Config) -> int:
@@ -161,7 +166,16 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK if ok(result) else EXIT_FAILURE
 
 
-def _run(path: Path | None, config: Config) -> int:
+def _run(path: Path | None, config: Config, user: str | None = None) -> int:
+    # Whether the user exists and can be switched to is known before anything is bound.
+    account = None
+    name = user or config.user
+    if name:
+        try:
+            account = privileges.resolve(name)
+        except privileges.PrivilegeError as error:
+            print(f"udpbindd: {error}", file=sys.stderr)
+            return EXIT_FAILURE
     notifier = Notifier()
     # Adopt systemd's sockets first, so the host survey knows they are udpbindd's own.
     inherited, rejected = activation.inherited()
@@ -177,6 +191,11 @@ def _run(path: Path | None, config: Config) -> int:
     try:
         try:
             preflight = survey(config.enabled_listeners, exclude_inodes=daemon.own_inodes())
+            refusal = _privileged_ports(preflight.expansion.bindings, inherited)
+            if refusal:
+                print(f"udpbindd: {refusal}", file=sys.stderr)
+                notifier.status(f"failed: {refusal}"[:400])
+                return EXIT_FAILURE
             daemon.start(preflight)
         except StartFailed as error:
             for failure in error.failures:
@@ -196,6 +215,21 @@ def _run(path: Path | None, config: Config) -> int:
             return EXIT_FAILURE
         if config.metrics.listen:
             log.info("metrics_serving", listen=[str(e) for e in config.metrics.listen])
+        if account is not None:
+            # Every socket, the metrics one included, is bound: nothing needs root any more.
+            try:
+                privileges.switch(account)
+            except privileges.PrivilegeError as error:
+                print(f"udpbindd: {error}", file=sys.stderr)
+                notifier.status(f"failed: {error}"[:400])
+                return EXIT_FAILURE
+            log.info(
+                "privileges_dropped",
+                user=account.name,
+                uid=account.uid,
+                gid=account.gid,
+                groups=list(account.groups),
+            )
         # READY=1 comes from run(): every required listener is bound and metrics are served.
         daemon.run()
         return EXIT_OK
@@ -203,6 +237,23 @@ def _run(path: Path | None, config: Config) -> int:
         exporter.stop()
         signal.set_wakeup_fd(previous)
         daemon.shutdown()
+
+
+def _privileged_ports(
+    bindings: Sequence[Binding], inherited: Sequence[activation.Inherited]
+) -> str:
+    """Why the required bindings udpbindd must bind itself cannot be bound; "" if they can.
+
+    Sockets passed by socket activation need no privilege here, and a listener with
+    ``required: false`` may fail to bind (it is reported like any other bind failure).
+    """
+    adopted = activation.assign(inherited, bindings).adopted
+    own = [b for b in bindings if b.listener.required and b not in adopted]
+    return privileges.privileged_port_problem(
+        own,
+        capabilities=privileges.effective_capabilities(),
+        port_start=privileges.unprivileged_port_start(),
+    )
 
 
 def _ignore(signum: int, frame: object) -> None:

@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import structlog
 
@@ -26,11 +26,21 @@ from udpbindd.activation import Inherited, assign
 from udpbindd.clash import Clash
 from udpbindd.config import Config, ConfigError, Listener
 from udpbindd.expand import Binding
+from udpbindd.guard import Guard, build_guard
 from udpbindd.metrics import Down, Snapshot
 from udpbindd.names import SocketName
 from udpbindd.plan import Plan, close_order, diff
 from udpbindd.respond import RESPONDERS, Reply
-from udpbindd.sockets import BindError, Options, kernel_drops, open_udp, set_receive_buffer
+from udpbindd.sockets import (
+    PKTINFO_SPACE,
+    BindError,
+    Options,
+    enable_pktinfo,
+    kernel_drops,
+    open_udp,
+    reply_source,
+    set_receive_buffer,
+)
 from udpbindd.stats import Stats
 from udpbindd.survey import Survey
 from udpbindd.survey import survey as survey_host
@@ -46,38 +56,71 @@ BUFFER_SIZE = 65536
 
 @dataclass(slots=True)
 class Served:
-    """A bound binding in the loop: its socket, counters and per-packet behaviour."""
+    """A bound binding in the loop: its socket, counters and per-packet behaviour.
+
+    ``previous`` is the guard this socket had before a relabel: its rate-limit buckets are
+    kept when the limit did not change.
+    """
 
     binding: Binding
     sock: socket.socket
     recv_buffer: int
     stats: Stats = field(default_factory=Stats)
+    previous: InitVar[Guard | None] = None
     reply: Reply = field(init=False)
     drop_rate: float = field(init=False)
+    # The listener's source policy; None when it has nothing to check (one test per datagram).
+    guard: Guard | None = field(init=False, default=None)
+    # Answer from each request's destination address (a wildcard socket, see enable_pktinfo).
+    pktinfo: bool = field(init=False, default=False)
     inode: int = field(init=False)  # identifies the socket in /proc and sock_diag
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, previous: Guard | None) -> None:
+        self.guard = previous
         self.configure(self.binding)
         self.inode = os.fstat(self.sock.fileno()).st_ino
+        if self.binding.name.is_wildcard:
+            # Set again for sockets systemd passed in: it may not have asked for packet info.
+            enable_pktinfo(self.sock)
+            self.pktinfo = True
 
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel discarded on this socket (its receive queue was full)."""
         return kernel_drops(self.sock)
 
+    def _locals(self) -> tuple[socket.socket, Stats, Reply, float, Guard | None]:
+        """What a drain reads per datagram, taken into locals once per wake-up."""
+        return self.sock, self.stats, self.reply, self.drop_rate, self.guard
+
+    @staticmethod
+    def _clock(guard: Guard) -> tuple[int, bool]:
+        """The time a drain judges its datagrams by, and whether replies are judged too."""
+        return time.monotonic_ns(), guard.checks_replies
+
     def configure(self, binding: Binding) -> None:
-        """Take the per-packet settings (responder, drop rate) of ``binding``."""
+        """Take the per-packet settings (responder, drop rate, source policy) of ``binding``."""
         self.binding = binding
         self.reply = RESPONDERS[binding.listener.responder]
         self.drop_rate = binding.listener.drop_rate
+        # The host's subnet broadcasts are not known here (host.interfaces() gives addresses
+        # without prefixes), so only the fixed not-a-client ranges are refused by address.
+        self.guard = build_guard(binding.listener, (), previous=self.guard)
 
     def drain(self, buffer: bytearray, view: memoryview, budget: int = DRAIN_BUDGET) -> int:
         """Read and answer up to ``budget`` datagrams; return how many receives were made.
 
         Bounded so that one flooded socket cannot starve the others: the selector is
-        level-triggered, so the loop comes back for the rest on its next pass.
+        level-triggered, so the loop comes back for the rest on its next pass. Every datagram
+        received is answered or counted under exactly one drop reason, in this order: the
+        guard's verdict (denied, reflection, rate_limited), the simulated loss, the guard's
+        reply-size check (reflection), a failed send (send_error).
         """
-        sock, stats, reply, drop_rate = self.sock, self.stats, self.reply, self.drop_rate
+        if self.pktinfo:
+            return self._drain_pktinfo(view, budget)
+        sock, stats, reply, drop_rate, guard = self._locals()
         chance = random.random  # simulated loss needs no cryptographic randomness
+        # One clock read per wake-up: the rate limit needs no finer time than that.
+        now, checks_replies = (0, False) if guard is None else self._clock(guard)
         count = 0
         while count < budget:
             try:
@@ -94,12 +137,29 @@ class Served:
             count += 1
             stats.received_packets += 1
             stats.received_bytes += n
-            if drop_rate and chance() < drop_rate:
-                stats.dropped_simulated += 1
-                continue
-            data = reply(view, n)
-            if data is None:
-                continue
+            # The policy-free path pays this one test; the guarded one repeats the next few
+            # lines so that the reply-size check costs the other path nothing.
+            if guard is not None:
+                verdict = guard.check(peer[0], peer[1], now)
+                if verdict is not None:
+                    stats.refused(verdict)
+                    continue
+                if drop_rate and chance() < drop_rate:
+                    stats.dropped_simulated += 1
+                    continue
+                data = reply(view, n)
+                if data is None:
+                    continue
+                if checks_replies and not guard.reply_ok(peer[0], n, len(data)):
+                    stats.dropped_reflection += 1
+                    continue
+            else:
+                if drop_rate and chance() < drop_rate:
+                    stats.dropped_simulated += 1
+                    continue
+                data = reply(view, n)
+                if data is None:
+                    continue
             try:
                 sent = sock.sendto(data, peer)
             except OSError:
@@ -108,6 +168,62 @@ class Served:
                 continue
             stats.sent_packets += 1
             stats.sent_bytes += sent
+        if guard is not None:
+            stats.rate_limit_evictions += guard.take_evictions()
+        return count
+
+    def _drain_pktinfo(self, view: memoryview, budget: int) -> int:
+        """``drain`` for a wildcard socket: each reply leaves from its request's destination.
+
+        recvmsg/sendmsg cost more than recvfrom/sendto, so only sockets that need the packet
+        info take this path; the counting is the same.
+        """
+        sock, stats, reply, drop_rate, guard = self._locals()
+        chance = random.random
+        now, checks_replies = (0, False) if guard is None else self._clock(guard)
+        buffers, count = [view], 0
+        while count < budget:
+            try:
+                n, ancillary, _, peer = sock.recvmsg_into(buffers, PKTINFO_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                count += 1
+                stats.send_errors += 1
+                continue
+            count += 1
+            stats.received_packets += 1
+            stats.received_bytes += n
+            if guard is not None:
+                verdict = guard.check(peer[0], peer[1], now)
+                if verdict is not None:
+                    stats.refused(verdict)
+                    continue
+                if drop_rate and chance() < drop_rate:
+                    stats.dropped_simulated += 1
+                    continue
+                data = reply(view, n)
+                if data is None:
+                    continue
+                if checks_replies and not guard.reply_ok(peer[0], n, len(data)):
+                    stats.dropped_reflection += 1
+                    continue
+            else:
+                if drop_rate and chance() < drop_rate:
+                    stats.dropped_simulated += 1
+                    continue
+                data = reply(view, n)
+                if data is None:
+                    continue
+            try:
+                sent = sock.sendmsg([data], reply_source(ancillary), 0, peer)
+            except OSError:
+                stats.send_errors += 1
+                continue
+            stats.sent_packets += 1
+            stats.sent_bytes += sent
+        if guard is not None:
+            stats.rate_limit_evictions += guard.take_evictions()
         return count
 
 

@@ -158,7 +158,8 @@ def reply_source(
     IPv4 (and v4-mapped) replies keep the local address but not the interface: the route
     back to a client need not leave through the interface its request came in on, so the
     kernel picks it. An IPv6 reply keeps both, as the batched path does: a link-local
-    source is only meaningful with its interface.
+    source is only meaningful with its interface. (For IPv4 the kernel reports a local
+    address as ``ipi_spec_dst`` even when the request went to a broadcast address.)
     """
     for level, kind, data in ancillary:
         if level == socket.SOL_IP and kind == IP_PKTINFO and len(data) >= 12:
@@ -167,8 +168,13 @@ def reply_source(
             return [(level, kind, bytes(4) + data[4:12])]
         if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
             # struct in6_pktinfo {in6_addr ipi6_addr; int ipi6_ifindex}
+            if data[0] == 0xFF:
+                # Sent to a multicast group: no reply can come from that; the kernel picks.
+                return []
             if data[:12] == _V4_MAPPED:
-                return [(level, kind, data[:16] + bytes(4))]
+                # A dual-stack socket reports the IPv4 header's destination, not a local
+                # address: for multicast (224/4) and 255.255.255.255 the kernel picks.
+                return [] if data[12] >= 224 else [(level, kind, data[:16] + bytes(4))]
             return [(level, kind, data[:20])]
     return []
 
