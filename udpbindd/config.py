@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
+from udpbindd.gcpause import collection_paused
 from udpbindd.names import IPAddress, address_text
 from udpbindd.yamlsrc import INVALID, Item, Problem, parse
 
@@ -28,6 +29,10 @@ DEFAULT_PATH = Path("/etc/udpbindd/udpbindd.yaml")
 EMBEDDED_NAME = "<embedded default>"
 DEFAULT_RECV_BUFFER = 4 * 1024 * 1024
 MAX_RECV_BUFFER = 1024 * 1024 * 1024
+# How long a required listener whose address or interface is absent may hold start-up back.
+# 90 s is systemd's default TimeoutStartSec: long enough for DHCP or a VPN to come up.
+DEFAULT_BIND_TIMEOUT = 90.0
+MAX_BIND_TIMEOUT = 86400.0
 MAX_FILE_BYTES = 16 * 1024 * 1024
 # Linux interface names: at most IFNAMSIZ-1 bytes, no '/', ':' or whitespace (dev_valid_name).
 _IFNAME = re.compile(r"^(?!\.{1,2}$)[^/:\s%]{1,15}$")
@@ -167,6 +172,7 @@ class Listener:
     recv_buffer: int = DEFAULT_RECV_BUFFER
     required: bool = True
     enabled: bool = True
+    bind_timeout: float = DEFAULT_BIND_TIMEOUT
     # Source policy; v4-mapped networks are stored as IPv4 ones (sources are normalised too).
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
@@ -287,6 +293,11 @@ def parse_text(text: str, source: str) -> Config:
     Raises:
         ConfigError: with every problem found, each with its line.
     """
+    with collection_paused():
+        return _parse_text(text, source)
+
+
+def _parse_text(text: str, source: str) -> Config:
     root, problems = parse(text, source)
     if root is None and not problems:
         raise ConfigError(
@@ -311,7 +322,7 @@ TOP_KEYS = frozenset({"listeners", "metrics", "logging", "user"})
 LISTENER_KEYS = frozenset(
     {
         "name", "interface", "port", "family", "responder", "drop_rate", "device",
-        "reuse_port", "freebind", "recv_buffer", "required", "enabled",
+        "reuse_port", "freebind", "recv_buffer", "required", "enabled", "bind_timeout",
         "allow", "deny", "rate_limit", "reflection_guard",
     }
 )  # fmt: skip
@@ -499,6 +510,7 @@ class _Checker:
             for key in ("reuse_port", "freebind", "required", "enabled")
         }
         recv_buffer = self.optional(fields, "recv_buffer", path, self.size)
+        bind_timeout = self.optional(fields, "bind_timeout", path, self.seconds)
         name = self.optional(fields, "name", path, self.name)
         allow = self.optional(fields, "allow", path, lambda i, p: self.networks(i, p, allow=True))
         deny = self.optional(fields, "deny", path, lambda i, p: self.networks(i, p, allow=False))
@@ -518,6 +530,7 @@ class _Checker:
             drop_rate=drop_rate or 0.0,
             device=device or "",
             recv_buffer=recv_buffer or DEFAULT_RECV_BUFFER,
+            bind_timeout=DEFAULT_BIND_TIMEOUT if bind_timeout is None else bind_timeout,
             allow=allow or (),
             deny=deny or (),
             rate_limit=rate_limit,
@@ -577,6 +590,20 @@ class _Checker:
             self.problem(item, path, f"{value!r} is not an interface name")
             return None
         return value
+
+    def seconds(self, item: Item, path: str) -> float | None:
+        value = item.value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(
+                item,
+                path,
+                f"expected a number of seconds 0..{MAX_BIND_TIMEOUT:g}, got {_type_name(value)}",
+            )
+            return None
+        if not (math.isfinite(value) and 0 <= value <= MAX_BIND_TIMEOUT):
+            self.problem(item, path, f"{value} is not in 0..{MAX_BIND_TIMEOUT:g} seconds")
+            return None
+        return float(value)
 
     def size(self, item: Item, path: str) -> int | None:
         value = item.value
