@@ -247,19 +247,48 @@ def test_clash_between_two_listeners_as_json(
     )
 
 
-def test_required_listener_without_an_interface_fails(
+def test_required_listener_without_an_interface_waits(
     capsys: pytest.CaptureFixture[str], write_config: WriteConfig
 ) -> None:
+    # run would wait for the interface (up to bind_timeout), so check does not fail.
     path = write_config("listeners:\n  - {name: x, interface: udpbd-none0, port: 1060}\n")
     code, out, _ = run_check(capsys, "--no-host", "-c", path)
-    assert code == 1
-    assert "error: listener 'x': interface udpbd-none0 does not exist\n" in out
-    assert out.endswith("\n1 required listener(s) with no socket to bind\n")
+    assert code == 0
+    assert (
+        "waiting: listener 'x' (udpbd-none0 port 1060): interface udpbd-none0 does not exist; "
+        "bound when it appears; start-up waits for it up to 90 s\n"
+    ) in out
+    assert out.endswith("\nok: no clashes; 1 socket(s) waiting for an address or interface\n")
     code, out, _ = run_check(capsys, "--no-host", "--format", "json", "-c", path)
-    assert code == 1
-    assert json.loads(out)["unresolved"] == [
+    assert code == 0
+    document = json.loads(out)
+    assert document["unresolved"] == [
         {"listener": "x", "required": True, "reason": "interface udpbd-none0 does not exist"}
     ]
+    assert document["waiting"] == [
+        {
+            "listener": "x",
+            "socket": "udpbd-none0 port 1060",
+            "required": True,
+            "bind_timeout": 90.0,
+            "reason": "interface udpbd-none0 does not exist",
+        }
+    ]
+
+
+def test_required_listener_that_may_not_wait_fails(
+    capsys: pytest.CaptureFixture[str], write_config: WriteConfig
+) -> None:
+    path = write_config(
+        "listeners:\n  - {name: x, interface: udpbd-none0, port: 1060, bind_timeout: 0}\n"
+    )
+    code, out, _ = run_check(capsys, "--no-host", "-c", path)
+    assert code == 1
+    assert "required with bind_timeout 0: run would fail at once\n" in out
+    assert out.endswith(
+        "\n1 required listener(s) absent, with bind_timeout 0; "
+        "1 socket(s) waiting for an address or interface\n"
+    )
 
 
 def test_optional_listener_without_an_interface_is_a_warning(
@@ -270,7 +299,40 @@ def test_optional_listener_without_an_interface_is_a_warning(
     )
     code, out, _ = run_check(capsys, "--no-host", "-c", path)
     assert code == 0
-    assert "warning: listener 'x': interface udpbd-none0 does not exist\n" in out
+    assert (
+        "waiting: listener 'x' (udpbd-none0 port 1060): interface udpbd-none0 does not exist; "
+        "bound when it appears (not required: start-up does not wait)\n"
+    ) in out
+
+
+def test_an_address_no_interface_has_is_waiting(
+    capsys: pytest.CaptureFixture[str], write_config: WriteConfig
+) -> None:
+    # 198.51.100.0/24 is TEST-NET-2: on no interface of a test host.
+    path = write_config(
+        "listeners:\n"
+        "  - {name: later, interface: 198.51.100.77, port: 1060}\n"
+        "  - {name: now, interface: 127.0.0.1, port: 1060}\n"
+        "  - {name: free, interface: 198.51.100.78, port: 1060, freebind: true}\n"
+    )
+    code, out, _ = run_check(capsys, "--no-host", "-c", path)
+    assert code == 0
+    table = [line.split() for line in out.splitlines()[1:5]]
+    assert [(row[0], row[-1]) for row in table] == [
+        ("LISTENER", "STATE"),
+        ("later", "waiting"),
+        ("now", "ok"),
+        ("free", "ok"),  # freebind binds without the address
+    ]
+    assert (
+        "waiting: listener 'later' (198.51.100.77:1060): "
+        "no interface has the address 198.51.100.77; "
+        "bound when it appears; start-up waits for it up to 90 s\n"
+    ) in out
+    code, out, _ = run_check(capsys, "--no-host", "--format", "json", "-c", path)
+    document = json.loads(out)
+    assert [row["state"] for row in document["bindings"]] == ["waiting", "ok", "ok"]
+    assert document["waiting"][0]["socket"] == "198.51.100.77:1060"
 
 
 def test_clash_with_a_socket_this_process_holds(

@@ -254,6 +254,14 @@ def test_every_counted_reason_is_exported_with_its_value() -> None:
     assert registry.get_sample_value("udpbindd_dropped_packets_total", kernel) == 99
 
 
+def test_rate_limit_evictions_are_exported_per_binding() -> None:
+    stats = Stats()
+    stats.rate_limit_evictions = 7
+    registry = make_registry(lambda: Snapshot(bound=[bound("x", "127.0.0.1", 1060, stats=stats)]))
+    labels = {"listener": "x", "socket": "127.0.0.1:1060"}
+    assert registry.get_sample_value("udpbindd_rate_limit_evictions_total", labels) == 7
+
+
 def test_an_unreadable_kernel_count_is_left_out_not_reported_as_zero() -> None:
     registry = make_registry(lambda: Snapshot(bound=[bound("x", "::1", 9, drops=None)]))
     labels = {"listener": "x", "socket": "[::1]:9"}
@@ -797,6 +805,17 @@ def test_kernel_drops_equal_the_kernels_own_count(write_config: WriteConfig, fam
         assert received == sent - drops_now
         granted = value(found, "udpbindd_receive_buffer_bytes", **labels)
         assert granted == receive_buffer_from_ss(port)
+
+        # A re-bind (recv_buffer changed) moves the name to a new socket, with a kernel count
+        # of its own: the exported count must carry on from the old one, never go back.
+        assert proc.config is not None
+        proc.config.write_text(text.replace("recv_buffer: 4KiB", "recv_buffer: 8KiB"))
+        proc.signal(signal.SIGHUP)
+        assert proc.wait_for_event("reload_finished")["rebound"] == 1
+        [(new_inode, new_drops)] = udp_sockets_on(port, family)
+        assert (new_inode != inode, new_drops) == (True, 0)
+        after = samples(scrape("127.0.0.1", metrics_port))
+        assert value(after, "udpbindd_dropped_packets_total", **labels, reason="kernel") == kernel
 
 
 def test_the_live_endpoint_passes_promtool_lint(write_config: WriteConfig) -> None:

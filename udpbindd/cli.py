@@ -190,7 +190,13 @@ def _run(path: Path | None, config: Config, user: str | None = None) -> int:
         signal.signal(signum, _ignore)
     try:
         try:
-            preflight = survey(config.enabled_listeners, exclude_inodes=daemon.own_inodes())
+            # Subscribed to interface changes before the survey reads the interfaces, so no
+            # change falls between them.
+            preflight = survey(
+                config.enabled_listeners,
+                exclude_inodes=daemon.own_inodes(),
+                interfaces=daemon.watch(),
+            )
             refusal = _privileged_ports(preflight.expansion.bindings, inherited)
             if refusal:
                 print(f"udpbindd: {refusal}", file=sys.stderr)
@@ -198,10 +204,7 @@ def _run(path: Path | None, config: Config, user: str | None = None) -> int:
                 return EXIT_FAILURE
             daemon.start(preflight)
         except StartFailed as error:
-            for failure in error.failures:
-                print(f"udpbindd: cannot bind {failure}", file=sys.stderr)
-            notifier.status(f"failed: {error.failures[0]}"[:400])
-            return EXIT_FAILURE
+            return _start_failed(error, notifier)
         except OSError as error:
             print(
                 f"udpbindd: cannot read this host's interfaces or sockets: {error}", file=sys.stderr
@@ -231,7 +234,11 @@ def _run(path: Path | None, config: Config, user: str | None = None) -> int:
                 groups=list(account.groups),
             )
         # READY=1 comes from run(): every required listener is bound and metrics are served.
-        daemon.run()
+        # A required listener still waiting for its address at its bind_timeout ends it.
+        try:
+            daemon.run()
+        except StartFailed as error:
+            return _start_failed(error, notifier)
         return EXIT_OK
     finally:
         exporter.stop()
@@ -254,6 +261,14 @@ def _privileged_ports(
         capabilities=privileges.effective_capabilities(),
         port_start=privileges.unprivileged_port_start(),
     )
+
+
+def _start_failed(error: StartFailed, notifier: Notifier) -> int:
+    """Report required listeners that could not be bound, one line each; the exit status."""
+    for failure in error.failures:
+        print(f"udpbindd: cannot bind {failure}", file=sys.stderr)
+    notifier.status(f"failed: {error.failures[0]}"[:400])
+    return EXIT_FAILURE
 
 
 def _ignore(signum: int, frame: object) -> None:

@@ -4,7 +4,9 @@ Never parses YAML or decides clashes: it is handed a survey and bindings. Owns t
 reload transaction (``apply``: bind, close, relabel, roll back), the state a scrape reads
 (published as one ``Snapshot`` reference), and the sd_notify sequence around a reload. Signals
 reach the loop as bytes on a wake-up socketpair (the handlers themselves do nothing), and are
-dispatched from an explicit table.
+dispatched from an explicit table. Interface changes reach it on a netlink socket in the same
+loop (``watch.py``); each re-applies the configuration (``refresh``), so every socket is
+bound, waiting for its address or interface, or failed and retried with backoff.
 """
 
 from __future__ import annotations
@@ -22,22 +24,27 @@ from dataclasses import InitVar, dataclass, field
 
 import structlog
 
+from udpbindd import states
 from udpbindd.activation import Inherited, assign
 from udpbindd.clash import Clash
 from udpbindd.config import Config, ConfigError, Listener
-from udpbindd.expand import Binding
+from udpbindd.expand import Absent, Binding
 from udpbindd.guard import Guard, build_guard
 from udpbindd.metrics import Down, Snapshot
-from udpbindd.names import SocketName
+from udpbindd.names import IPAddress, SocketName
 from udpbindd.plan import Plan, close_order, diff
 from udpbindd.respond import RESPONDERS, Reply
 from udpbindd.sockets import (
+    ICMP_ERRNOS,
     PKTINFO_SPACE,
+    Address,
     BindError,
     Options,
+    enable_error_queue,
     enable_pktinfo,
     kernel_drops,
     open_udp,
+    read_error_queue,
     reply_source,
     set_receive_buffer,
 )
@@ -45,6 +52,7 @@ from udpbindd.stats import Stats
 from udpbindd.survey import Survey
 from udpbindd.survey import survey as survey_host
 from udpbindd.systemd import Notifier, watchdog_interval
+from udpbindd.watch import InterfaceWatch
 
 log = structlog.get_logger("udpbindd")
 
@@ -52,6 +60,10 @@ log = structlog.get_logger("udpbindd")
 DRAIN_BUDGET = 64
 # Larger than any UDP payload (65,507 over IPv4, 65,527 over IPv6), so nothing is truncated.
 BUFFER_SIZE = 65536
+# bind() errors that mean the address or device is absent: the socket waits, it has not failed.
+ABSENT_ERRNOS = frozenset({"EADDRNOTAVAIL", "ENODEV"})
+# The selector's data for the interface watch (listener sockets carry their Served).
+_WATCH = object()
 
 
 @dataclass(slots=True)
@@ -79,14 +91,54 @@ class Served:
         self.guard = previous
         self.configure(self.binding)
         self.inode = os.fstat(self.sock.fileno()).st_ino
+        # Set again for sockets systemd passed in, which open_udp did not prepare.
+        enable_error_queue(self.sock)
         if self.binding.name.is_wildcard:
-            # Set again for sockets systemd passed in: it may not have asked for packet info.
             enable_pktinfo(self.sock)
             self.pktinfo = True
 
     def kernel_drops(self) -> int | None:
-        """Datagrams the kernel discarded on this socket (its receive queue was full)."""
-        return kernel_drops(self.sock)
+        """Datagrams the kernel discarded for this socket name (its receive queue was full).
+
+        None when the socket was closed under the caller (a scrape racing a reload).
+        """
+        drops = kernel_drops(self.sock)
+        return None if drops is None else drops + self.stats.kernel_drops_closed
+
+    def close(self) -> None:
+        """Close the socket, keeping its kernel drop count with the counters that outlive it."""
+        self.stats.kernel_drops_closed += kernel_drops(self.sock) or 0
+        self.sock.close()
+
+    def _queued_errors(self) -> int:
+        """Send errors behind a failed receive: the ICMP errors queued, and at least one."""
+        return max(1, read_error_queue(self.sock, DRAIN_BUDGET))
+
+    def _send_failed(
+        self,
+        error: OSError,
+        data: bytes | memoryview,
+        peer: Address,
+        source: list[tuple[int, int, bytes]] | None,
+    ) -> int:
+        """Count a failed reply; return the bytes a second try sent, or -1.
+
+        A send can fail with an ICMP error about an earlier reply that was waiting on the
+        socket: then that error is what gets counted (from the error queue, which also empties
+        it), and this reply, which was never tried, is sent once more.
+        """
+        stats = self.stats
+        icmp = read_error_queue(self.sock, DRAIN_BUDGET) if error.errno in ICMP_ERRNOS else 0
+        stats.send_errors += icmp
+        if icmp:
+            try:
+                if source is None:
+                    return self.sock.sendto(data, peer)
+                return self.sock.sendmsg([data], source, 0, peer)
+            except OSError:
+                pass
+        stats.send_errors += 1
+        return -1
 
     def _locals(self) -> tuple[socket.socket, Stats, Reply, float, Guard | None]:
         """What a drain reads per datagram, taken into locals once per wake-up."""
@@ -128,11 +180,11 @@ class Served:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                # A pending socket error (the asynchronous result of an earlier send) is
-                # reported once by the next receive. It counts against the budget too, so
-                # nothing can hold the loop on one socket.
+                # A pending socket error (an ICMP error about an earlier reply) is reported
+                # once by the next receive. It counts against the budget too, so nothing
+                # can hold the loop on one socket.
                 count += 1
-                stats.send_errors += 1
+                stats.send_errors += self._queued_errors()
                 continue
             count += 1
             stats.received_packets += 1
@@ -162,10 +214,11 @@ class Served:
                     continue
             try:
                 sent = sock.sendto(data, peer)
-            except OSError:
+            except OSError as error:
                 # ECONNREFUSED, ENOBUFS, EAGAIN, EPERM...: counted, never fatal.
-                stats.send_errors += 1
-                continue
+                sent = self._send_failed(error, data, peer, None)
+                if sent < 0:
+                    continue
             stats.sent_packets += 1
             stats.sent_bytes += sent
         if guard is not None:
@@ -189,7 +242,7 @@ class Served:
                 break
             except OSError:
                 count += 1
-                stats.send_errors += 1
+                stats.send_errors += self._queued_errors()
                 continue
             count += 1
             stats.received_packets += 1
@@ -215,11 +268,13 @@ class Served:
                 data = reply(view, n)
                 if data is None:
                     continue
+            source = reply_source(ancillary)
             try:
-                sent = sock.sendmsg([data], reply_source(ancillary), 0, peer)
-            except OSError:
-                stats.send_errors += 1
-                continue
+                sent = sock.sendmsg([data], source, 0, peer)
+            except OSError as error:
+                sent = self._send_failed(error, data, peer, source)
+                if sent < 0:
+                    continue
             stats.sent_packets += 1
             stats.sent_bytes += sent
         if guard is not None:
@@ -255,6 +310,26 @@ class StartFailed(Exception):
         super().__init__("; ".join(str(failure) for failure in failures))
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A listener's socket whose address or interface is absent now; bound when it appears.
+
+    ``socket`` is the socket name, or what the listener asked for when it stands for none
+    (an interface that does not exist, or has no address of the listener's family).
+    """
+
+    listener: Listener
+    socket: str
+    reason: str
+
+    @property
+    def required(self) -> bool:
+        return self.listener.required
+
+    def __str__(self) -> str:
+        return f"listener {self.listener.name!r} ({self.socket}): {self.reason}"
+
+
 def options_of(binding: Binding) -> Options:
     listener = binding.listener
     return Options(listener.reuse_port, listener.freebind, listener.recv_buffer)
@@ -269,6 +344,7 @@ class Outcome:
     rolled_back: bool
     # Previous sockets that a rollback could not bind again (another process took the name).
     lost: tuple[Failure, ...] = ()
+    waiting: tuple[Waiting, ...] = ()
 
     @property
     def required_failures(self) -> list[Failure]:
@@ -283,7 +359,9 @@ class Daemon:
     """Owns the selector, the wake-up socketpair and every serving socket.
 
     Startup and reload are the same transaction (``apply``): from the empty set at start,
-    from the serving set on SIGHUP.
+    from the serving set on SIGHUP, and from the serving set to the same configuration
+    against new interfaces when an address or interface comes or goes (``refresh``).
+    ``watch=False`` follows no interface changes (addresses are then read per survey).
     """
 
     def __init__(
@@ -295,11 +373,13 @@ class Daemon:
         loader: Callable[[], Config] | None = None,
         inherited: list[Inherited] | None = None,
         surveyor: Surveyor = survey_host,
+        watch: bool = True,
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier({})
         self.served: dict[SocketName, Served] = {}
         self.failures: list[Failure] = []
+        self.waiting: list[Waiting] = []
         self.reload_ok = True
         self.reload_timestamp = 0.0
         self._bind = bind or (lambda b: open_udp(b.name, options_of(b)))
@@ -322,6 +402,23 @@ class Daemon:
             signal.SIGINT: self.stop,
             signal.SIGHUP: self.reload,
         }
+        # Following the interfaces: the watch, and whether its table changed this loop pass.
+        self._watching = watch
+        self._watch: InterfaceWatch | None = None
+        self._dirty = False
+        self._watch_retry: float | None = None  # when to read the table again after an error
+        self._device_index: dict[SocketName, int] = {}  # the interface each device socket holds
+        self._inherited_names: set[SocketName] = set()
+        # States as the logs last told them, and when failed sockets are tried again.
+        self._entries: dict[states.Key, states.Entry] = {}
+        self._backoff = states.Backoff()
+        # Start-up: READY=1 waits until every required listener is bound (or its time is up).
+        self._started = 0.0
+        self._ready = False
+        self._next_extend = 0.0
+        self._deadline: float | None = None  # when the first required listener's time is up
+        self._status = ""
+        self._timer: float | None = None  # the next retry, extension or deadline
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -341,7 +438,27 @@ class Daemon:
         return self._snapshot
 
     def status_text(self) -> str:
-        return f"{len(self.served)} bound, 0 waiting, {len(self.failures)} failed"
+        return states.status_text(len(self.served), len(self.waiting), len(self.failures))
+
+    @property
+    def ready(self) -> bool:
+        """Whether READY=1 was sent: every required listener was bound (start-up is over)."""
+        return self._ready
+
+    def unbound(self) -> dict[states.Key, states.Entry]:
+        """Every socket that waits or failed, keyed by (listener name, socket label).
+
+        Bound ones are left out: with thousands of listeners this runs on every change, and
+        a socket missing here is bound (or no longer configured).
+        """
+        found: dict[states.Key, states.Entry] = {}
+        for item in self.waiting:
+            entry = states.Entry(states.WAITING, item.reason, item.required)
+            found.setdefault((item.listener.name, item.socket), entry)
+        for failure in self.failures:
+            entry = states.Entry(states.FAILED, failure.reason, failure.required)
+            found.setdefault((failure.listener.name, failure.socket), entry)
+        return found
 
     def _publish(self) -> None:
         # One reference swap, once the served set, its failures and the reload gauges all say
@@ -350,7 +467,10 @@ class Daemon:
         # snapshot cannot move under a scrape either; only the plain counters keep counting.
         self._snapshot = Snapshot(
             bound=tuple(self.served.values()),
-            down=tuple(Down(f.listener.name, f.socket) for f in self.failures),
+            down=(
+                *(Down(f.listener.name, f.socket, states.FAILED) for f in self.failures),
+                *(Down(w.listener.name, w.socket, states.WAITING) for w in self.waiting),
+            ),
             reload_ok=self.reload_ok,
             reload_timestamp=self.reload_timestamp,
         )
@@ -362,11 +482,17 @@ class Daemon:
 
         Nothing is bound when the survey already shows that a required listener cannot be
         served. Failures of listeners with ``required: false`` are logged and the rest are
-        served; required failures are left to the caller, which reports them.
+        served; required failures are left to the caller, which reports them. A socket whose
+        address or interface is absent waits; ``run`` holds READY=1 back for required ones.
 
         Raises:
             StartFailed: a required listener could not be bound (nothing is left open).
         """
+        if self._watch is None and self._watching:
+            # Subscribed only now: the survey may have read interfaces that have changed since.
+            addresses = self.watch()
+            self._dirty = addresses is not None and survey.interfaces != addresses
+        self._started = time.monotonic()
         self._assign_inherited(survey)
         outcome = self.apply(survey)
         self._log_failures(outcome, only_optional=True)
@@ -375,10 +501,36 @@ class Daemon:
             self.close()
             raise StartFailed(outcome.required_failures)
         self.failures = list(outcome.failures)
+        self.waiting = list(outcome.waiting)
         self.reload_ok, self.reload_timestamp = True, time.time()
-        self._publish()
+        self._settle(log_failures=False)
 
-    def apply(self, survey: Survey) -> Outcome:
+    def watch(self) -> dict[str, tuple[IPAddress, ...]] | None:
+        """Subscribe to interface changes and read the interface table; return its addresses.
+
+        Call it before the start-up survey and survey these addresses: no change can then
+        fall between the survey and the subscription. None when following interfaces is off,
+        or netlink is unavailable (each survey then reads the addresses itself, and a socket
+        waiting for one is bound on the next reload only).
+        """
+        if self._watch is None and self._watching:
+            try:
+                self._watch = InterfaceWatch()
+            except OSError as error:
+                self._watching = False
+                log.warning(
+                    "interface_watch_unavailable",
+                    error=str(error),
+                    detail="addresses that appear later are bound on reload only",
+                )
+                return None
+            self._selector.register(self._watch.sock, selectors.EVENT_READ, _WATCH)
+        return self._addresses()
+
+    def _addresses(self) -> dict[str, tuple[IPAddress, ...]] | None:
+        return None if self._watch is None else self._watch.addresses()
+
+    def apply(self, survey: Survey, *, strict: bool = True) -> Outcome:
         """Move from the serving set to the one ``survey`` describes, as one transaction.
 
         Kept sockets are untouched. A new socket whose name overlaps an old one being closed
@@ -387,20 +539,28 @@ class Daemon:
         again, what was opened is closed) and nothing else changes: relabels and the counters
         of re-bound sockets only take effect once every binding has succeeded. A listener
         with ``required: false`` that fails is reported in the outcome, not rolled back.
+        Without ``strict`` (an interface change, not a new configuration) no failure is
+        rolled back, required or not: each failed socket is reported and the rest proceed.
+
+        A socket whose address or interface is absent is not a failure: it waits (and a
+        serving one whose address went away is closed). So does one whose bind() finds the
+        address or device gone since the survey (EADDRNOTAVAIL, ENODEV).
 
         The caller publishes the result (``_publish``) with its failures and reload state.
         """
-        failures = [
-            Failure(u.listener, f"{u.listener.interface} port {u.listener.port}", u.reason)
+        waiting = [
+            Waiting(u.listener, f"{u.listener.interface} port {u.listener.port}", u.reason)
             for u in survey.expansion.unresolved
         ]
-        failures += [_clash_failure(clash) for clash in survey.clashes]
-        wanted = _without_clashes(survey)
+        failures = [_clash_failure(clash) for clash in survey.clashes]
+        absent = self._absent(survey)
+        waiting += [Waiting(a.binding.listener, str(a.binding.name), a.reason) for a in absent]
+        wanted = _excluding(_without_clashes(survey), [a.binding for a in absent])
         plan = diff({name: s.binding for name, s in self.served.items()}, wanted)
-        if any(failure.required for failure in failures):
+        if strict and any(failure.required for failure in failures):
             # Refuse before touching anything: a change bound to fail must not take ports
             # from other processes, or close serving sockets, even for a moment.
-            return Outcome(plan, tuple(failures), rolled_back=True)
+            return Outcome(plan, tuple(failures), rolled_back=True, waiting=tuple(waiting))
         order = list(self.served)
         closes = [self.served[name].binding for name in plan.closes]
         closed: dict[SocketName, Served] = {}
@@ -409,11 +569,15 @@ class Daemon:
             for name in first:
                 closed[name] = self._retire(name)
             served, failure = self._open(binding)
-            if failure is not None:
+            if failure is not None and failure.errno_name in ABSENT_ERRNOS:
+                waiting.append(Waiting(binding.listener, failure.socket, failure.reason))
+            elif failure is not None:
                 failures.append(failure)
-                if failure.required:
+                if failure.required and strict:
                     lost = self._rollback(opened, closed, order)
-                    return Outcome(plan, tuple(failures), rolled_back=True, lost=lost)
+                    return Outcome(
+                        plan, tuple(failures), rolled_back=True, lost=lost, waiting=tuple(waiting)
+                    )
             elif served is not None:
                 opened[binding.name] = served
         # Commit. Nothing below can fail, so nothing below needs undoing.
@@ -431,7 +595,27 @@ class Daemon:
             log.info(
                 "listener_closed", listener=closed[name].binding.listener.name, socket=str(name)
             )
-        return Outcome(plan, tuple(failures), rolled_back=False)
+        return Outcome(plan, tuple(failures), rolled_back=False, waiting=tuple(waiting))
+
+    def _absent(self, survey: Survey) -> list[Absent]:
+        """The survey's absent bindings that wait.
+
+        Not those that clash (the clash is what the operator must fix), nor those served by a
+        socket systemd passed in: that one is bound already (FreeBind=, for instance), and
+        closing it would lose it for good.
+        """
+        if not survey.absent:
+            return []
+        clashing = survey.clashing if survey.clashes else frozenset()
+        return [
+            item
+            for item in survey.absent
+            if item.binding not in clashing
+            and item.binding not in self._adopted
+            and not (
+                item.binding.name in self._inherited_names and item.binding.name in self.served
+            )
+        ]
 
     def _open(self, binding: Binding) -> tuple[Served | None, Failure | None]:
         """Bind (or adopt) one socket and register it; a failure is returned, not raised."""
@@ -446,6 +630,8 @@ class Daemon:
             return None, Failure(binding.listener, str(binding.name), reason, error.errno_name)
         served = Served(binding, sock, granted)
         self._selector.register(sock, selectors.EVENT_READ, served)
+        if adopted is not None:
+            self._inherited_names.add(binding.name)
         log.info(
             "listener_bound",
             listener=binding.listener.name,
@@ -462,7 +648,8 @@ class Daemon:
         A new object, not ``old.configure``: ``old`` may be in the published snapshot, which
         must show the old labels until the new snapshot replaces it as a whole.
         """
-        new = Served(binding, old.sock, old.recv_buffer, old.stats)
+        # The old guard goes along: its rate-limit buckets are kept if the limit is unchanged.
+        new = Served(binding, old.sock, old.recv_buffer, old.stats, old.guard)
         self._selector.modify(old.sock, selectors.EVENT_READ, new)
         log.info(
             "listener_relabelled",
@@ -477,7 +664,7 @@ class Daemon:
     def _detach(self, name: SocketName) -> Served:
         served = self.served.pop(name)
         self._selector.unregister(served.sock)
-        served.sock.close()
+        served.close()
         return served
 
     def _retire(self, name: SocketName) -> Served:
@@ -601,7 +788,8 @@ class Daemon:
         failed, ends with one ``reload_finished`` summary event.
         """
         began = time.monotonic()
-        self.notifier.reloading()
+        if self._ready:  # before READY=1, systemd is still waiting for the start to finish
+            self.notifier.reloading()
         log.info("reload_started")
         if self._loader is None:
             self._reload_failed("no configuration file to read again", began, failed=1)
@@ -620,7 +808,11 @@ class Daemon:
             return
         loaded = time.monotonic()
         try:
-            survey = self._survey(config.enabled_listeners, exclude_inodes=self.own_inodes())
+            survey = self._survey(
+                config.enabled_listeners,
+                exclude_inodes=self.own_inodes(),
+                interfaces=self._addresses(),
+            )
         except OSError as error:
             self._reload_failed(f"cannot read the host's sockets: {error}", began, failed=1)
             return
@@ -639,8 +831,9 @@ class Daemon:
             log.warning("metrics_listen_unchanged", detail="metrics.listen applies at restart")
         self.config = config
         self.failures = list(outcome.failures)
+        self.waiting = list(outcome.waiting)
         self.reload_ok, self.reload_timestamp = True, time.time()
-        self._publish()
+        self._settle(log_failures=False)
         plan, done = outcome.plan, time.monotonic()
         log.info(
             "reload_finished",
@@ -657,7 +850,15 @@ class Daemon:
             survey_seconds=round(surveyed - loaded, 6),
             apply_seconds=round(done - surveyed, 6),
         )
-        self.notifier.ready(self.status_text())
+        self._reloaded(self.status_text())
+
+    def _reloaded(self, status: str) -> None:
+        """End a reload towards systemd: READY=1 once started, before that only a STATUS=."""
+        self._status = status
+        if self._ready:
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
 
     def _reload_failed(self, reason: str, began: float, *, failed: int) -> None:
         """End a reload that changed nothing: log why, publish reload_ok 0, tell systemd."""
@@ -675,7 +876,7 @@ class Daemon:
             failed=failed,
             seconds=round(time.monotonic() - began, 6),
         )
-        self.notifier.ready(f"reload failed, still serving the previous set: {reason}"[:400])
+        self._reloaded(f"reload failed, still serving the previous set: {reason}"[:400])
 
     def _log_failures(self, outcome: Outcome, *, only_optional: bool) -> None:
         for failure in outcome.failures:
@@ -690,18 +891,250 @@ class Daemon:
                 error=failure.reason,
             )
 
+    # -- following the interfaces -------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Apply the current configuration again, to the interfaces as they are now.
+
+        Runs when the interface table changed and when a failed socket's retry is due.
+        Sockets whose address or device went away are closed and wait; waiting ones that can
+        be bound now are; a new socket that clashes or fails is failed, alone: nothing is
+        rolled back and nothing stops the daemon. No RELOADING=1/READY=1 and no reload
+        metrics: the configuration is the same.
+        """
+        self._dirty = False
+        began = time.monotonic()
+        stale = self._retire_stale()
+        serving = {name: served.binding.listener.name for name, served in self.served.items()}
+        try:
+            survey = self._survey(
+                self.config.enabled_listeners,
+                interfaces=self._addresses(),
+                exclude_inodes=self.own_inodes(),
+                serving=serving,
+            )
+        except OSError as error:
+            # Tried again on the failed sockets' schedule, or at the next interface change.
+            log.warning(
+                "refresh_failed", error=f"cannot read the host's interfaces or sockets: {error}"
+            )
+            self._watch_retry = began + states.RETRY_FIRST
+            return
+        before = self._entries
+        outcome = self.apply(survey, strict=False)
+        self.failures = list(outcome.failures)
+        self.waiting = list(outcome.waiting)
+        for name, old in stale.items():
+            new = self.served.get(name)
+            if new is not None:
+                new.stats = old.stats  # the same socket name on the re-created interface
+        self._settle(log_failures=True)
+        if stale or outcome.plan.changes or self._entries != before:
+            plan = outcome.plan
+            log.info(
+                "listeners_refreshed",
+                added=sum(1 for binding in plan.opens if binding.name in self.served),
+                removed=len(plan.remove),
+                bound=len(self.served),
+                waiting=len(self.waiting),
+                failed=len(self.failures),
+                seconds=round(time.monotonic() - began, 6),
+            )
+        if self._ready and self.status_text() != self._status:
+            self._status = self.status_text()
+            self.notifier.status(self._status)
+
+    def _retire_stale(self) -> dict[SocketName, Served]:
+        """Close sockets held to an interface that was deleted and created again since.
+
+        SO_BINDTODEVICE and a link-local scope hold the interface's index; the new interface
+        of the same name has another, so such a socket would never receive again. Closed
+        here, they are bound again by the apply that follows, keeping their counters.
+        """
+        if self._watch is None:
+            return {}
+        stale: dict[SocketName, Served] = {}
+        for name, index in self._device_index.items():
+            now = self._watch.index(name.device)
+            if name in self.served and now is not None and now != index:
+                stale[name] = self._retire(name)
+                # Bound again below, it will hold the new index.
+                log.info(
+                    "listener_closed",
+                    listener=stale[name].binding.listener.name,
+                    socket=str(name),
+                    reason=f"interface {name.device} was created again",
+                )
+        for name in stale:
+            del self._device_index[name]
+        return stale
+
+    def _settle(self, *, log_failures: bool) -> None:
+        """Take in the new states: log what changed, schedule retries, publish.
+
+        A state is logged when it changes (or its reason does), not on every apply: bound
+        sockets by ``listener_bound``, waiting ones by ``listener_waiting``, failed ones by
+        ``bind_failed`` (when ``log_failures``; start and reload log theirs as before).
+        """
+        now = time.monotonic()
+        entries = self.unbound()
+        changed = dict(states.changes(self._entries, entries))
+        self._backoff.update(
+            (key for key, entry in entries.items() if entry.state == states.FAILED), now
+        )
+        for item in self.waiting:
+            if (item.listener.name, item.socket) in changed:
+                log.info(
+                    "listener_waiting",
+                    listener=item.listener.name,
+                    socket=item.socket,
+                    required=item.required,
+                    reason=item.reason,
+                )
+        for failure in self.failures if log_failures else ():
+            key = (failure.listener.name, failure.socket)
+            if key in changed:
+                log.error(
+                    "bind_failed" if failure.errno_name else "listener_unavailable",
+                    listener=failure.listener.name,
+                    socket=failure.socket,
+                    required=failure.required,
+                    errno=failure.errno_name or None,
+                    error=failure.reason,
+                    retry_seconds=self._backoff.delay(key, now),
+                )
+        self._entries = entries
+        if self._watch is not None:
+            indexes = {}
+            for name in self.served:
+                if name.device:
+                    index = self._device_index.get(name, self._watch.index(name.device))
+                    if index is not None:
+                        indexes[name] = index
+            self._device_index = indexes
+        self._publish()
+        self._schedule()
+
+    def _read_watch(self) -> None:
+        """Read the interface events waiting; a change is applied at the end of this pass."""
+        assert self._watch is not None  # noqa: S101 - only registered once it exists
+        try:
+            changed = self._watch.read()
+        except OSError as error:
+            log.warning("interface_watch_failed", error=str(error))
+            self._watch_retry = time.monotonic() + states.RETRY_FIRST
+            self._schedule()
+            return
+        if changed:
+            self._dirty = True
+
+    def _schedule(self) -> None:
+        """When the loop must wake up on its own: a retry, a start-up extension or deadline."""
+        times = [self._backoff.due(), self._watch_retry]
+        if not self._ready and self._running:
+            times += [self._next_extend, self._deadline]
+        self._timer = min((t for t in times if t is not None), default=None)
+
+    def _tick(self) -> None:
+        """Timers and interface changes, once per loop pass when any is due."""
+        now = time.monotonic()
+        if self._watch_retry is not None and now >= self._watch_retry:
+            self._watch_retry = None
+            if self._watch is not None and self._watch.lost:
+                self._read_watch()
+            else:
+                self._dirty = True
+        due = self._backoff.due()
+        if self._dirty or (due is not None and now >= due):
+            self.refresh()
+        if not self._ready:
+            self._start_gate(time.monotonic())
+        self._schedule()
+
+    def _holding(self) -> list[Waiting | Failure]:
+        """Required listener sockets that are not bound: they hold READY=1 back."""
+        items: list[Waiting | Failure] = [*self.waiting, *self.failures]
+        return [item for item in items if item.required]
+
+    def _start_gate(self, now: float) -> None:
+        """Send READY=1 once nothing required waits; extend the start-up while something does.
+
+        Raises:
+            StartFailed: a required socket has waited its listener's whole ``bind_timeout``.
+        """
+        holding = self._holding()
+        gate = states.gate(
+            (
+                states.Holding(i.listener.name, i.socket, i.reason, i.listener.bind_timeout)
+                for i in holding
+            ),
+            self._started,
+            now,
+        )
+        self._deadline = gate.deadline
+        if gate.ready:
+            self._ready = True
+            self._status = self.status_text()
+            self.notifier.ready(self._status)
+            if self._next_extend:  # it did wait: say for how long
+                log.info("ready", waited_seconds=round(now - self._started, 3))
+            return
+        if gate.expired:
+            expired = {(item.listener, item.socket) for item in gate.expired}
+            raise StartFailed(
+                [
+                    _timed_out(item)
+                    for item in holding
+                    if (item.listener.name, item.socket) in expired
+                ]
+            )
+        if now >= self._next_extend:
+            assert gate.deadline is not None  # noqa: S101 - set whenever not ready
+            first = holding[0]
+            self._status = (
+                f"{self.status_text()}; starting: waiting for listener {first.listener.name!r} "
+                f"({first.socket}), at most {max(0.0, gate.deadline - now):.0f} s more"
+            )[:400]
+            self.notifier.extend_timeout(states.extend_usec(now, gate.deadline), self._status)
+            if not self._next_extend:
+                log.info(
+                    "start_waiting",
+                    listener=first.listener.name,
+                    socket=first.socket,
+                    reason=first.reason,
+                    holding=len(holding),
+                    bind_timeout=first.listener.bind_timeout,
+                )
+            self._next_extend = now + states.EXTEND_INTERVAL
+
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
-        """Serve until stopped. Returns after every socket is closed."""
+        """Serve until stopped. Returns after every socket is closed.
+
+        READY=1 is sent once every required listener is bound: at once, or, while one waits
+        for its address or interface, when it is bound; until then EXTEND_TIMEOUT_USEC keeps
+        systemd waiting.
+
+        Raises:
+            StartFailed: a required listener still was not bound when its ``bind_timeout``
+                ran out; READY=1 was never sent and every socket is closed.
+        """
         self._running = True
         interval = watchdog_interval()
-        self.notifier.ready(self.status_text())
-        log.info("started", bound=len(self.served), failed=len(self.failures))
+        log.info(
+            "started",
+            bound=len(self.served),
+            waiting=len(self.waiting),
+            failed=len(self.failures),
+        )
         select = self._selector.select
         buffer, view = self._buffer, self._view
         timeout: float | None = None
         next_ping = 0.0
+        start_failed = False
         try:
+            self._start_gate(time.monotonic())
+            self._schedule()
             while self._running:
                 if interval is not None:
                     # Pinged from the loop itself, so a stuck loop stops the pings; at most once
@@ -711,15 +1144,34 @@ class Daemon:
                         self.notifier.watchdog()
                         next_ping = now + interval
                     timeout = next_ping - now
+                if self._dirty:
+                    timeout = 0.0
+                elif self._timer is not None:
+                    left = max(0.0, self._timer - time.monotonic())
+                    timeout = left if timeout is None else min(timeout, left)
                 for key, _ in select(timeout):
                     served = key.data
                     if served is None:
                         self._wakeup()
                         # A reload may have closed sockets of this batch: select again.
                         break
+                    if served is _WATCH:
+                        self._read_watch()
+                        continue
                     served.drain(buffer, view)
+                if (
+                    self._dirty
+                    or not self._ready  # start-up: a reload may have let READY=1 go
+                    or (self._timer is not None and time.monotonic() >= self._timer)
+                ):
+                    self._tick()
+                timeout = None
+        except StartFailed:
+            start_failed = True
+            raise
         finally:
-            self.notifier.stopping()
+            if not start_failed:
+                self.notifier.stopping()
             self.close()
             log.info("stopped")
 
@@ -751,6 +1203,9 @@ class Daemon:
     def shutdown(self) -> None:
         """Release the selector and the wake-up pair (after ``run`` or a failed ``start``)."""
         self.close()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -773,6 +1228,27 @@ def _without_clashes(survey: Survey) -> list[Binding]:
         return wanted
     by_value = {clash.binding for clash in survey.clashes}
     return [binding for binding in bindings if binding not in by_value]
+
+
+def _excluding(bindings: list[Binding], excluded: list[Binding]) -> list[Binding]:
+    """``bindings`` without ``excluded`` (a subset of them), by identity as ``_without_clashes``."""
+    if not excluded:
+        return bindings
+    ids = {id(binding) for binding in excluded}
+    kept = [binding for binding in bindings if id(binding) not in ids]
+    if len(kept) + len(ids) == len(bindings):
+        return kept
+    by_value = set(excluded)
+    return [binding for binding in bindings if binding not in by_value]
+
+
+def _timed_out(item: Waiting | Failure) -> Failure:
+    """What a required socket still not bound at the end of its ``bind_timeout`` reports."""
+    timeout = f"{item.listener.bind_timeout:g} s (bind_timeout)"
+    if isinstance(item, Waiting):
+        return Failure(item.listener, item.socket, f"still waiting after {timeout}: {item.reason}")
+    reason = f"still failing after {timeout}: {item.reason}"
+    return Failure(item.listener, item.socket, reason, item.errno_name)
 
 
 def _clash_failure(clash: Clash) -> Failure:

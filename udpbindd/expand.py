@@ -2,16 +2,18 @@
 
 Pure: the addresses of the host's interfaces are passed in. ``"*"`` is 0.0.0.0 plus [::] with
 V6ONLY=1 (never one socket that depends on ``net.ipv6.bindv6only``); ``family: dual`` is one
-[::] socket with V6ONLY=0; an interface name is the addresses that interface has now.
+[::] socket with V6ONLY=0; an interface name is the addresses that interface has now. Also
+decides which bindings must wait because their address or device is absent (``find_absent``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from udpbindd.config import Family, InterfaceName, Listener, Literal, Wildcard
-from udpbindd.names import IPV4_ANY, IPV6_ANY, IPAddress, SocketName
+from udpbindd.names import IPV4_ANY, IPV6_ANY, IPAddress, SocketName, address_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,14 @@ class Unresolved:
     """A listener that stands for no socket right now, and why (e.g. an absent interface)."""
 
     listener: Listener
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """A binding whose address or device is not on this host now: it waits until it is."""
+
+    binding: Binding
     reason: str
 
 
@@ -112,3 +122,73 @@ def expand_all(
         if reason:
             unresolved.append(Unresolved(listener, reason))
     return Expansion(tuple(bindings), tuple(unresolved))
+
+
+def find_absent(
+    bindings: Iterable[Binding],
+    interfaces: Mapping[str, Sequence[IPAddress]],
+    bindable: Callable[[IPAddress], bool] | None = None,
+) -> tuple[Absent, ...]:
+    """The bindings that cannot be bound now because an address or device they name is absent.
+
+    A device (``device``, or a link-local zone) must exist; a link-local address must be an
+    address of its zone's interface; any other specific address must be an address of some
+    interface. The wildcard needs no address, and ``freebind`` binds without one (its device
+    must still exist). Multicast addresses are always bindable. An address no interface lists
+    may still be local to the kernel (a subnet broadcast, a ``local`` route); ``bindable``
+    is asked about those, once each, and without it they count as absent.
+    """
+    # Keyed by (version, int): hashing ipaddress objects is slow with thousands of listeners.
+    present: set[tuple[int, int]] = {(a.version, int(a)) for a in _all(interfaces)}
+    # lo's 127.0.0.1/8 makes the whole of 127/8 local, whatever else lo lists.
+    loopback = any(a.version == 4 and a.is_loopback for a in _all(interfaces))
+    answers: dict[IPAddress, bool] = {}
+
+    def local(address: IPAddress) -> bool:
+        if bindable is None:
+            return False
+        if address not in answers:
+            answers[address] = bindable(address)
+        return answers[address]
+
+    found: list[Absent] = []
+    for binding in bindings:
+        reason = _absence(binding, interfaces, present, loopback, local)
+        if reason:
+            found.append(Absent(binding, reason))
+    return tuple(found)
+
+
+def _all(interfaces: Mapping[str, Sequence[IPAddress]]) -> Iterable[IPAddress]:
+    for addresses in interfaces.values():
+        yield from addresses
+
+
+def _absence(
+    binding: Binding,
+    interfaces: Mapping[str, Sequence[IPAddress]],
+    present: set[tuple[int, int]],
+    loopback: bool,
+    local: Callable[[IPAddress], bool],
+) -> str:
+    name = binding.name
+    device = name.device
+    if device and device not in interfaces:
+        return f"interface {device} does not exist"
+    if name.is_wildcard or binding.listener.freebind:
+        return ""
+    address = name.address
+    if name.is_link_local:
+        # Link-local addresses are per link: the one on another interface does not count.
+        if address in interfaces[device]:
+            return ""
+        return f"{address} is not an address of {device}"
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    effective: IPAddress = mapped if mapped is not None else address
+    if (effective.version, int(effective)) in present or effective.is_multicast:
+        return ""
+    if effective.version == 4 and effective.is_loopback and loopback:
+        return ""
+    if local(address):
+        return ""
+    return f"no interface has the address {address_text(address)}"

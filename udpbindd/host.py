@@ -6,6 +6,7 @@ readers around them are thin and tolerate processes and interfaces vanishing whi
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -315,7 +316,9 @@ def apply_messages(
 
     Works for a dump (start from ``{}``) and for RTMGRP_LINK/IFADDR events alike. Links are
     matched by index, so a rename keeps the addresses. Addresses whose duplicate-address
-    detection failed are left out: they can never be bound. Other messages are ignored.
+    detection failed are left out: they can never be bound. So are tentative ones (DAD still
+    running, and not optimistic): bind() refuses them until the kernel announces the address
+    again without the flag, which adds it here. Other messages are ignored.
     """
     by_index = {interface.index: interface for interface in current.values()}
     for message in messages:
@@ -343,13 +346,46 @@ def _apply_address(by_index: dict[int, Interface], message: netlink.AddressMessa
     address = message.local_address
     if interface is None or address is None:
         return
-    if message.deleted or message.flags & netlink.IFA_F_DADFAILED:
+    if message.deleted or not usable(message.flags):
         kept = tuple(a for a in interface.addresses if a != address)
     elif address in interface.addresses:
         return
     else:
         kept = (*interface.addresses, address)
     by_index[message.index] = replace(interface, addresses=kept)
+
+
+def usable(flags: int) -> bool:
+    """Whether an address with these IFA_F_* flags can be bound now (without FREEBIND).
+
+    The kernel refuses a tentative IPv6 address (EADDRNOTAVAIL) unless it is optimistic
+    (RFC 4429), and never accepts one whose duplicate-address detection failed.
+    """
+    if flags & netlink.IFA_F_DADFAILED:
+        return False
+    return not flags & netlink.IFA_F_TENTATIVE or bool(flags & netlink.IFA_F_OPTIMISTIC)
+
+
+def bindable(address: IPAddress) -> bool:
+    """Whether bind() accepts ``address`` now without IP_FREEBIND: the kernel's own answer.
+
+    For addresses no interface lists but the kernel still treats as local: subnet broadcast
+    addresses, 127/8 beyond 127.0.0.1, ``local`` routes, ``net.ipv4.ip_nonlocal_bind``. The
+    probe binds port 0 (an ephemeral port, so it never disturbs a listener) and closes at
+    once; it is never served. Only EADDRNOTAVAIL means no: any other refusal is for the
+    real bind() to report.
+    """
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+        if isinstance(address, ipaddress.IPv6Address):
+            # A v4-mapped address is refused with V6ONLY=1 whatever the host has.
+            v6only = address.ipv4_mapped is None
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        try:
+            probe.bind((str(address), 0))
+        except OSError as error:
+            return error.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 def udp_hash_entries() -> int:

@@ -39,6 +39,8 @@ from udpbindd.stats import Stats
 log = structlog.get_logger("udpbindd")
 
 LABELS = ("listener", "socket")
+# udpbindd_listener_state: one series per state, 1 for the state the socket is in.
+LISTENER_STATES = ("bound", "waiting", "failed")
 # Every reason is exported from the start (as 0), so rate() and alerts work before a first drop:
 # those the loop counts, plus "kernel", which is read from the socket.
 DROP_REASONS = tuple(dict.fromkeys(("simulated", "kernel", *COUNTED_REASONS)))
@@ -60,10 +62,14 @@ class Bound(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Down:
-    """A listener's socket that is not serving, exported as udpbindd_listener_up 0."""
+    """A listener's socket that is not serving, exported as udpbindd_listener_up 0.
+
+    ``state`` is ``waiting`` (its address or interface is absent) or ``failed``.
+    """
 
     listener: str
     socket: str
+    state: str = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +98,18 @@ class _Families:
             "Datagrams received but not answered, or discarded by the kernel, by reason.",
             labels=(*LABELS, "reason"),
         )
+        self.evictions = counter(
+            "rate_limit_evictions",
+            "Sources the rate limiter stopped tracking to stay within max_sources, per binding.",
+        )
         self.up = GaugeMetricFamily(
             "udpbindd_listener_up", "1 when the socket is bound and served, else 0.", labels=LABELS
+        )
+        self.state = GaugeMetricFamily(
+            "udpbindd_listener_state",
+            "1 for the state each socket is in (bound, waiting for its address or interface, "
+            "or failed), 0 for the others.",
+            labels=(*LABELS, "state"),
         )
         self.info = InfoMetricFamily(
             "udpbindd_listener", "Static facts of each bound socket.", labels=LABELS
@@ -121,7 +137,9 @@ class _Families:
             self.sent_packets,
             self.sent_bytes,
             self.dropped,
+            self.evictions,
             self.up,
+            self.state,
             self.info,
             self.recv_buffer,
             self.reload_ok,
@@ -147,7 +165,9 @@ class _Families:
             # else: the socket was closed under this scrape (a reload). Leaving the sample out
             # for one scrape is harmless; a 0 would read as a counter reset, and increase()
             # would count every earlier drop again.
+        self.evictions.add_metric(labels, stats.rate_limit_evictions)
         self.up.add_metric(labels, 1)
+        self.add_state(labels, "bound")
         family = "ipv4" if name.family == 4 else ("dual" if name.dual_stack else "ipv6")
         self.info.add_metric(
             labels,
@@ -160,6 +180,10 @@ class _Families:
             },
         )
         self.recv_buffer.add_metric(labels, bound.recv_buffer)
+
+    def add_state(self, labels: list[str], current: str) -> None:
+        for state in LISTENER_STATES:
+            self.state.add_metric([*labels, state], 1 if state == current else 0)
 
 
 @dataclass(slots=True, eq=False)  # registries keep collectors in sets: hash by identity
@@ -186,6 +210,7 @@ class UdpbinddCollector:
             if (down.listener, down.socket) not in seen:
                 seen.add((down.listener, down.socket))
                 families.up.add_metric([down.listener, down.socket], 0)
+                families.add_state([down.listener, down.socket], down.state)
         families.reload_ok.add_metric([], 1 if snap.reload_ok else 0)
         families.reload_timestamp.add_metric([], snap.reload_timestamp)
         yield from families.all()

@@ -1,6 +1,7 @@
 """What ``udpbindd check`` prints: the table of socket names and every clash, as text or JSON.
 
-Pure: a ``Survey`` in, a string out.
+Pure: a ``Survey`` in, a string out. Each socket name is ``ok`` (it would bind now), ``clash``
+or ``waiting`` (its address or interface is absent now: ``run`` binds it when it appears).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 from typing import Any
 
 from udpbindd.clash import Clash
+from udpbindd.config import Listener
 from udpbindd.expand import Binding
 from udpbindd.host import HeldSocket
 from udpbindd.names import address_text, label
@@ -22,7 +24,13 @@ def _family(binding: Binding) -> str:
     return "dual" if name.dual_stack else "ipv6"
 
 
-def _row(binding: Binding, clash: Clash | None) -> dict[str, Any]:
+def _state(clash: Clash | None, absent: str | None) -> str:
+    if clash is not None:
+        return "clash"
+    return "ok" if absent is None else "waiting"
+
+
+def _row(binding: Binding, clash: Clash | None, absent: str | None = None) -> dict[str, Any]:
     name, listener = binding.name, binding.listener
     return {
         "listener": listener.name,
@@ -36,7 +44,7 @@ def _row(binding: Binding, clash: Clash | None) -> dict[str, Any]:
         "reuse_port": listener.reuse_port,
         "freebind": listener.freebind,
         "required": listener.required,
-        "state": "ok" if clash is None else "clash",
+        "state": _state(clash, absent),
     }
 
 
@@ -54,16 +62,46 @@ def _party(other: Binding | HeldSocket) -> dict[str, Any]:
     }
 
 
+def _waiting(survey: Survey) -> list[tuple[Listener, str, str]]:
+    """(listener, socket, reason) of every socket that waits: absent addresses and interfaces.
+
+    A listener that stands for no socket is named by what it asked for (``eth0 port 53``),
+    as in the daemon's logs and metrics.
+    """
+    found = [
+        (u.listener, f"{u.listener.interface} port {u.listener.port}", u.reason)
+        for u in survey.expansion.unresolved
+    ]
+    clashing = survey.clashing
+    found += [
+        (a.binding.listener, label(a.binding.name), a.reason)
+        for a in survey.absent
+        if a.binding not in clashing
+    ]
+    return found
+
+
 def as_json(survey: Survey, source: str) -> str:
     clashes = {clash.binding: clash for clash in survey.clashes}
+    absent = {item.binding: item.reason for item in survey.absent}
     document = {
         "source": source,
         "host_checked": survey.host_checked,
         "ok": ok(survey),
-        "bindings": [_row(b, clashes.get(b)) for b in survey.expansion.bindings],
+        "bindings": [_row(b, clashes.get(b), absent.get(b)) for b in survey.expansion.bindings],
         "unresolved": [
             {"listener": u.listener.name, "required": u.listener.required, "reason": u.reason}
             for u in survey.expansion.unresolved
+        ],
+        "waiting": [
+            {
+                "listener": listener.name,
+                "socket": socket,
+                "required": listener.required,
+                "bind_timeout": listener.bind_timeout,
+                "reason": reason,
+            }
+            for listener, socket, reason in _waiting(survey)
         ],
         "clashes": [
             {
@@ -84,16 +122,18 @@ def as_json(survey: Survey, source: str) -> str:
 
 def as_text(survey: Survey, source: str) -> str:
     clashes = {clash.binding: clash for clash in survey.clashes}
-    rows = [_row(b, clashes.get(b)) for b in survey.expansion.bindings]
+    absent = {item.binding: item.reason for item in survey.absent}
+    rows = [_row(b, clashes.get(b), absent.get(b)) for b in survey.expansion.bindings]
     columns = ("listener", "socket", "family", "device", "responder", "state")
     header = {column: column.upper() for column in columns}
     cells = [header] + [{c: str(r[c] if r[c] is not None else "-") for c in columns} for r in rows]
     widths = {c: max(len(cell[c]) for cell in cells) for c in columns}
     lines = [f"{source}: {len(rows)} socket name(s)"]
     lines += ["  ".join(cell[c].ljust(widths[c]) for c in columns).rstrip() for cell in cells]
-    for item in survey.expansion.unresolved:
-        tag = "error" if item.listener.required else "warning"
-        lines.append(f"{tag}: listener {item.listener.name!r}: {item.reason}")
+    for listener, socket, reason in _waiting(survey):
+        lines.append(
+            f"waiting: listener {listener.name!r} ({socket}): {reason}; {_until(listener)}"
+        )
     for clash in survey.clashes:
         lines.append("")
         lines.append(f"clash: {clash.headline}")
@@ -109,17 +149,40 @@ def as_text(survey: Survey, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _until(listener: Listener) -> str:
+    """What ``run`` does about a socket that waits, for the ``waiting:`` line."""
+    if not listener.required:
+        return "bound when it appears (not required: start-up does not wait)"
+    if listener.bind_timeout == 0:
+        return "required with bind_timeout 0: run would fail at once"
+    return f"bound when it appears; start-up waits for it up to {listener.bind_timeout:g} s"
+
+
 def _verdict(survey: Survey) -> str:
+    waiting = len(_waiting(survey))
+    note = f"; {waiting} socket(s) waiting for an address or interface" if waiting else ""
     if ok(survey):
-        return "ok: no clashes"
-    missing = sum(1 for u in survey.expansion.unresolved if u.listener.required)
+        return f"ok: no clashes{note}"
     found = [f"{len(survey.clashes)} clash(es) found"] if survey.clashes else []
+    missing = len(_never_waited(survey))
     if missing:
-        found.append(f"{missing} required listener(s) with no socket to bind")
-    return "; ".join(found)
+        found.append(f"{missing} required listener(s) absent, with bind_timeout 0")
+    return "; ".join(found) + note
+
+
+def _never_waited(survey: Survey) -> list[Listener]:
+    """Required listeners that wait with ``bind_timeout: 0``: ``run`` would fail at once."""
+    return [
+        listener
+        for listener, _, _ in _waiting(survey)
+        if listener.required and listener.bind_timeout == 0
+    ]
 
 
 def ok(survey: Survey) -> bool:
-    """Whether ``run`` would bind every required listener as far as can be told beforehand."""
-    unresolved = any(u.listener.required for u in survey.expansion.unresolved)
-    return not survey.clashes and not unresolved
+    """Whether ``run`` would bind every required listener as far as can be told beforehand.
+
+    A socket that waits for its address or interface is no failure: ``run`` waits for it
+    (up to ``bind_timeout`` at start-up), unless that timeout is 0.
+    """
+    return not survey.clashes and not _never_waited(survey)

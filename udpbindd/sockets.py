@@ -2,9 +2,10 @@
 
 Sets every option before bind() (IPV6_V6ONLY always explicitly; never SO_REUSEADDR), reads
 back the receive buffer the kernel granted, and turns errno into a ``BindError`` that says
-what it means for an operator. Also owns the packet-info option and control messages that let
-a wildcard socket answer from the address each request was sent to. Knows nothing of YAML,
-metrics or the loop.
+what it means for an operator. Also owns the per-datagram socket features the loop relies on:
+packet info, so a wildcard socket answers from the address each request was sent to, and the
+error queue, where ICMP errors about replies are read. Knows nothing of YAML, metrics or the
+loop.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from dataclasses import dataclass
 
 from udpbindd.names import SocketName
 
+# A peer as recvfrom gives it: (host, port), or (host, port, flowinfo, scope_id) for IPv6.
+Address = tuple[str, int] | tuple[str, int, int, int]
 # Python 3.11's socket module lacks these Linux constants.
 IP_FREEBIND = 15
 IP_PKTINFO = 8
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
 SO_RCVBUFFORCE = 33
 SO_MEMINFO = 55
 _SK_MEMINFO_DROPS = 8  # index of SK_MEMINFO_DROPS in the SO_MEMINFO u32 array
@@ -32,6 +39,25 @@ _INT_MAX = 2**31 - 1
 PKTINFO_SPACE = socket.CMSG_SPACE(20)
 # The first 12 bytes of a v4-mapped IPv6 address (::ffff:0:0/96).
 _V4_MAPPED = bytes(10) + b"\xff\xff"
+# One IP_RECVERR/IPV6_RECVERR message: sock_extended_err (16 bytes) and the offender's address.
+_ERROR_SPACE = socket.CMSG_SPACE(16 + 28)
+_ERROR_MESSAGES = frozenset({(socket.SOL_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)})
+# What an ICMP error about an earlier reply turns into (icmp_err_convert, icmpv6_err_convert).
+# The next send from the socket fails with it once, though its own datagram is fine.
+ICMP_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.ENOPROTOOPT,
+        errno.EOPNOTSUPP,
+        errno.EMSGSIZE,
+        errno.EACCES,
+        errno.EPROTO,
+    }
+)
 
 _MEANINGS = {
     errno.EADDRINUSE: "address already in use: another socket already covers this socket name",
@@ -99,6 +125,7 @@ def open_udp(name: SocketName, options: Options) -> tuple[socket.socket, int]:
             step = f"binding to device {name.device}"
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.device.encode())
         granted = set_receive_buffer(sock, options.recv_buffer)
+        enable_error_queue(sock)
         if name.is_wildcard:
             enable_pktinfo(sock)
         step = "bind"
@@ -147,6 +174,39 @@ def enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
     else:
         sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+
+
+def enable_error_queue(sock: socket.socket) -> None:
+    """Have ICMP errors about replies reported on the socket (IP_RECVERR, IPV6_RECVERR).
+
+    Without it Linux drops them silently for sockets that are not connected: a reply to a
+    closed port, or one a router refused, would look sent. With it, each error is queued
+    (``read_error_queue`` takes them) and reported once by the next receive or send.
+    Failed sends that the kernel would otherwise hide (ENOBUFS) are reported too.
+    """
+    # IP_RECVERR on an IPv6 socket covers the IPv4 peers of a dual-stack one.
+    sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+
+
+def read_error_queue(sock: socket.socket, limit: int) -> int:
+    """Take up to ``limit`` errors off the socket's error queue; return how many were ICMP.
+
+    Errors of local origin are not counted: the send they belong to failed and was counted.
+    Emptying the queue matters: while it holds anything the socket polls as ready.
+    """
+    icmp = 0
+    for _ in range(limit):
+        try:
+            _, ancillary, _, _ = sock.recvmsg(0, _ERROR_SPACE, socket.MSG_ERRQUEUE)
+        except OSError:  # EAGAIN: the queue is empty
+            break
+        for level, kind, data in ancillary:
+            # struct sock_extended_err {u32 ee_errno; u8 ee_origin; ...}
+            if (level, kind) in _ERROR_MESSAGES and len(data) > 4:
+                icmp += data[4] in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6)
+    return icmp
 
 
 def reply_source(

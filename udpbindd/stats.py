@@ -27,6 +27,9 @@ class Stats:
     dropped_reflection: int = 0
     # Sources the rate limiter forgot to make room for new ones (not datagrams dropped).
     rate_limit_evictions: int = 0
+    # Kernel drops of this socket name's earlier sockets (closed by a re-bind or a rollback),
+    # so the exported kernel count never goes back when the name moves to a new socket.
+    kernel_drops_closed: int = 0
 
     def refused(self, verdict: Verdict) -> None:
         """Count one datagram the guard refused, under its reason."""

@@ -1,4 +1,4 @@
-"""sd_notify adapter: READY, STATUS, RELOADING, STOPPING and WATCHDOG messages to systemd.
+"""sd_notify adapter: READY, STATUS, RELOADING, STOPPING, WATCHDOG and EXTEND_TIMEOUT_USEC.
 
 The only module that imports the untyped ``sdnotify``. Without NOTIFY_SOCKET every call is a
 no-op. It makes no decisions (the daemon says when); it owns the wire details sdnotify leaves
@@ -86,6 +86,15 @@ class Notifier:
         # MONOTONIC_USEC lets systemd tell this reload's READY=1 from an earlier one.
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def extend_timeout(self, usec: int, status: str) -> None:
+        """Ask for ``usec`` more microseconds of start-up (systemd 236+), with a STATUS=.
+
+        Systemd then waits that long for the next message, even past TimeoutStartSec=, so a
+        start-up that keeps sending these may wait longer than the unit's timeout, and one
+        whose loop stops sending them still times out.
+        """
+        self.send(f"EXTEND_TIMEOUT_USEC={usec}", f"STATUS={status}")
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
