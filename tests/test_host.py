@@ -193,13 +193,20 @@ def _link(
 
 
 def _addr(
-    index: int, address: str, *, flags: int = 0, deleted: bool = False
+    index: int,
+    address: str,
+    *,
+    flags: int = 0,
+    deleted: bool = False,
+    prefixlen: int = 24,
+    broadcast: str | None = None,
 ) -> netlink.AddressMessage:
     kind = netlink.RTM_DELADDR if deleted else netlink.RTM_NEWADDR
     value = ip(address)
     family = socket.AF_INET if value.version == 4 else socket.AF_INET6
+    brd = None if broadcast is None else V4(broadcast)
     return netlink.AddressMessage(
-        netlink.Header(0, kind, 0, 0, 0), family, 24, flags, 0, index, value, None, None
+        netlink.Header(0, kind, 0, 0, 0), family, prefixlen, flags, 0, index, value, None, None, brd
     )
 
 
@@ -207,17 +214,18 @@ def test_apply_messages_builds_and_updates_the_table() -> None:
     dump: list[netlink.Message] = [
         _link(1, "lo"),
         _link(4, "eth0", up=False),
-        _addr(1, "127.0.0.1"),
-        _addr(1, "::1"),
+        _addr(1, "127.0.0.1", prefixlen=8),
+        _addr(1, "::1", prefixlen=128),
         _addr(4, "192.0.2.1"),
         _addr(4, "192.0.2.1"),  # repeated: listed once
         _addr(4, "fe80::1", flags=netlink.IFA_F_DADFAILED),  # never bindable
         _addr(9, "198.51.100.1"),  # no such link
     ]
     table = host.apply_messages({}, dump)
+    loopback = (V4("127.255.255.255"),)
     assert table == {
-        "lo": host.Interface("lo", 1, True, (V4("127.0.0.1"), V6("::1"))),
-        "eth0": host.Interface("eth0", 4, False, (V4("192.0.2.1"),)),
+        "lo": host.Interface("lo", 1, True, (V4("127.0.0.1"), V6("::1")), loopback),
+        "eth0": host.Interface("eth0", 4, False, (V4("192.0.2.1"),), (V4("192.0.2.255"),)),
     }
     events: list[netlink.Message] = [
         _link(4, "wan0"),  # renamed and up: addresses stay
@@ -229,9 +237,65 @@ def test_apply_messages_builds_and_updates_the_table() -> None:
         _link(5, "veth0", deleted=True),
     ]
     assert host.apply_messages(table, events) == {
-        "lo": host.Interface("lo", 1, True, (V4("127.0.0.1"),)),
-        "wan0": host.Interface("wan0", 4, True, (V4("192.0.2.1"), V6("2001:db8::1"))),
+        "lo": host.Interface("lo", 1, True, (V4("127.0.0.1"),), loopback),
+        "wan0": host.Interface(
+            "wan0", 4, True, (V4("192.0.2.1"), V6("2001:db8::1")), (V4("192.0.2.255"),)
+        ),
     }
+
+
+def _broadcasts(table: dict[str, host.Interface], name: str = "eth0") -> list[str]:
+    return [str(address) for address in table[name].broadcasts]
+
+
+def test_apply_messages_keeps_each_subnet_broadcast_while_an_address_has_it() -> None:
+    table = host.apply_messages(
+        {},
+        [
+            _link(2, "eth0"),
+            _addr(2, "10.9.0.1", broadcast="10.9.0.255"),  # IFA_BROADCAST, as `brd +` sets
+            _addr(2, "10.9.0.2"),  # a secondary in the same subnet, no attribute: the same
+            _addr(2, "10.8.0.1", prefixlen=25),  # computed: the last address of the /25
+            _addr(2, "192.0.2.9", prefixlen=31),  # a /31 and a /32 have none
+            _addr(2, "192.0.2.10", prefixlen=32),
+            _addr(2, "2001:db8::1", prefixlen=64),  # nor does IPv6
+        ],
+    )
+    assert _broadcasts(table) == ["10.9.0.255", "10.8.0.127"]
+    # Events: one of two addresses with that broadcast goes, then the other.
+    table = host.apply_messages(table, [_addr(2, "10.9.0.2", deleted=True)])
+    assert _broadcasts(table) == ["10.9.0.255", "10.8.0.127"]
+    table = host.apply_messages(table, [_addr(2, "10.9.0.1", deleted=True)])
+    assert _broadcasts(table) == ["10.8.0.127"]
+    assert V4("10.9.0.1") not in table["eth0"].addresses
+    # An address announced again with another broadcast: the new one replaces the old.
+    table = host.apply_messages(table, [_addr(2, "10.8.0.1", prefixlen=25, broadcast="10.8.0.126")])
+    assert _broadcasts(table) == ["10.8.0.126"]
+    # A new subnet brings its broadcast; a rename and a link going down keep them all.
+    table = host.apply_messages(
+        table, [_addr(2, "198.51.100.7", broadcast="198.51.100.255"), _link(2, "wan0", up=False)]
+    )
+    assert _broadcasts(table, "wan0") == ["10.8.0.126", "198.51.100.255"]
+    assert table["wan0"].addresses == (
+        V4("10.8.0.1"),
+        V4("192.0.2.9"),
+        V4("192.0.2.10"),
+        V6("2001:db8::1"),
+        V4("198.51.100.7"),
+    )
+    # The link goes, and every broadcast with it.
+    assert host.apply_messages(table, [_link(2, "wan0", deleted=True)]) == {}
+
+
+def test_apply_messages_tells_an_address_of_two_prefixes_apart() -> None:
+    # The kernel keeps 10.9.0.1/24 and 10.9.0.1/25 as two addresses, each with its broadcast.
+    table = host.apply_messages(
+        {},
+        [_link(2, "eth0"), _addr(2, "10.9.0.1"), _addr(2, "10.9.0.1", prefixlen=25)],
+    )
+    assert _broadcasts(table) == ["10.9.0.255", "10.9.0.127"]
+    table = host.apply_messages(table, [_addr(2, "10.9.0.1", prefixlen=25, deleted=True)])
+    assert _broadcasts(table) == ["10.9.0.255"]
 
 
 # ---------------------------------------------------------------- find_owners on a fake /proc
@@ -507,7 +571,12 @@ with netlink.open_socket(netlink.NETLINK_ROUTE, groups) as sub:
 
 def table(interfaces):
     return {
-        name: {"index": i.index, "up": i.up, "addresses": [str(a) for a in i.addresses]}
+        name: {
+            "index": i.index,
+            "up": i.up,
+            "addresses": [str(a) for a in i.addresses],
+            "broadcasts": [str(a) for a in i.broadcasts],
+        }
         for name, i in interfaces.items()
     }
 
@@ -534,6 +603,9 @@ def test_interfaces_in_a_namespace_with_veth() -> None:
         _ip_cmd("-n", namespace, "link", "set", "va", "up")
         _ip_cmd("-n", namespace, "link", "set", "vb", "up")
         _ip_cmd("-n", namespace, "addr", "add", "192.0.2.1/24", "dev", "va")
+        _ip_cmd(
+            "-n", namespace, "addr", "add", "203.0.113.1/24", "brd", "203.0.113.127", "dev", "vb"
+        )
         _ip_cmd("-n", namespace, "addr", "add", "2001:db8::1/64", "dev", "va", "nodad")
         _ip_cmd("-n", namespace, "addr", "add", "fe80::1/64", "dev", "va", "nodad")
         result = subprocess.run(
@@ -559,3 +631,8 @@ def test_interfaces_in_a_namespace_with_veth() -> None:
     assert (seen["held"]["device"], seen["held"]["exact"]) == ("va", True)
     assert after["va"]["addresses"][-1] == "198.51.100.7"
     assert not after["vb"]["up"]
+    # From the dump and from an event alike: IFA_BROADCAST when set, else the subnet's last.
+    assert before["va"]["broadcasts"] == ["192.0.2.255"]
+    assert after["va"]["broadcasts"] == ["192.0.2.255", "198.51.100.255"]
+    assert before["vb"]["broadcasts"] == after["vb"]["broadcasts"] == ["203.0.113.127"]
+    assert before["lo"]["broadcasts"] == []  # no address yet: lo is down in a new namespace

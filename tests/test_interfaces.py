@@ -181,11 +181,17 @@ def wired(prefix: str) -> Iterator[tuple[str, str]]:
         yield server, client
 
 
-def plug(server: str, client: str, name: str, peer: str, subnet: str) -> None:
-    """A veth from ``server`` (``name``, SUBNET.1) to ``client`` (``peer``, SUBNET.2), up."""
+def plug(
+    server: str, client: str, name: str, peer: str, subnet: str, *, broadcast: bool = False
+) -> None:
+    """A veth from ``server`` (``name``, SUBNET.1) to ``client`` (``peer``, SUBNET.2), up.
+
+    With ``broadcast`` both addresses carry IFA_BROADCAST (``brd SUBNET.255``).
+    """
+    brd = ("brd", f"{subnet}.255") if broadcast else ()
     ip("-n", server, "link", "add", name, "type", "veth", "peer", "name", peer, "netns", client)
-    ip("-n", server, "address", "add", f"{subnet}.1/24", "dev", name)
-    ip("-n", client, "address", "add", f"{subnet}.2/24", "dev", peer)
+    ip("-n", server, "address", "add", f"{subnet}.1/24", *brd, "dev", name)
+    ip("-n", client, "address", "add", f"{subnet}.2/24", *brd, "dev", peer)
     ip("-n", server, "link", "set", name, "up")
     ip("-n", client, "link", "set", peer, "up")
 
@@ -601,6 +607,94 @@ def test_link_local_addresses_bind_with_their_scope(write_config: WriteConfig) -
         answered_within(client, "fe80::1%vl1", 5314, since)
         assert server.next("listener_bound", listener="ll")["socket"] == "[fe80::1%vl0]:5313"
         assert server.next("listener_bound", listener="lls")["socket"] == "[fe80::1%vl0]:5314"
+        assert server.daemon.stop() == 0
+
+
+# -- subnet broadcasts: the reflection guard learns them from the interface table -------------
+
+
+def totals(local: Worker, listener: str) -> dict[str, float]:
+    """``received``, ``sent`` and each drop reason of ``listener``, over all its sockets."""
+    found = samples(local.request({"scrape": METRICS_PORT})["text"])
+    counted: dict[str, float] = {}
+    for (name, labels), number in found.items():
+        fields = dict(labels)
+        if fields.get("listener") != listener:
+            continue
+        if name == "udpbindd_dropped_packets_total":
+            key = fields["reason"]
+        elif name in ("udpbindd_received_packets_total", "udpbindd_sent_packets_total"):
+            key = name.split("_")[1]
+        else:
+            continue
+        counted[key] = counted.get(key, 0.0) + number
+    return counted
+
+
+def spoofed(client: Worker, local: Worker, source: str, port: int) -> dict[str, float]:
+    """Send one datagram to 10.77.0.1:``port`` from ``source`` (a raw socket in the client
+    namespace); return how the counters moved once the daemon has received it (bounded)."""
+    before = totals(local, "any")
+    assert client.request({"spoof": ["10.77.0.1", port], "source": [source, 40000]}) == {"ok": True}
+    end = time.monotonic() + EVENT_DEADLINE
+    while True:
+        after = totals(local, "any")
+        # Received, and answered or dropped: both counters move before the next datagram.
+        moved = {key: after[key] - before.get(key, 0.0) for key in after}
+        if moved.get("received") == 1 and sum(moved.values()) == 2:
+            return {key: number for key, number in moved.items() if number}
+        if time.monotonic() > end:
+            raise AssertionError(f"the datagram from {source} was not counted: {moved}")
+        time.sleep(POLL_EVERY)
+
+
+def test_a_subnet_broadcast_source_gets_no_reply_and_counts_as_reflection(
+    write_config: WriteConfig,
+) -> None:
+    port = 5319
+    config = write_config(
+        f"listeners:\n  - {{name: any, interface: '*', port: {port}}}\n" + metrics_yaml()
+    )
+    with wired("udpbrd") as (server_ns, client_ns), ExitStack() as stack:
+        plug(server_ns, client_ns, "vz0", "vz1", "10.77.0", broadcast=True)
+        # Reverse-path filtering would drop a broadcast source as a martian before any socket
+        # saw it (it is off in a new namespace, but may be inherited): off, the datagrams
+        # reach the daemon and its guard alone has to refuse them.
+        for conf in ("all", "default", "vz0"):
+            ip("netns", "exec", server_ns, "sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0")
+        # Somewhere for replies to sources off the subnet to go (lost on the wire: no ARP).
+        ip("-n", server_ns, "route", "add", "default", "dev", "vz0")
+        assert "brd 10.77.0.255" in ip("-n", server_ns, "address", "show", "dev", "vz0")
+        server = stack.enter_context(Server(server_ns, config))
+        client = stack.enter_context(Worker(client_ns, CLIENT))
+        local = stack.enter_context(Worker(server_ns, CLIENT))
+        server.next("started")
+        assert exchange(client, "10.77.0.1", port)["reply"] == "Your data was 14 bytes"
+
+        # The same raw path from an ordinary address is answered; from the broadcast it is not.
+        answered, refused = {"received": 1, "sent": 1}, {"received": 1, "reflection": 1}
+        assert spoofed(client, local, "10.77.0.7", port) == answered
+        assert spoofed(client, local, "10.77.0.255", port) == refused
+
+        # A subnet added while running: its broadcast is refused from the event on, even
+        # though the guard had answered (and remembered) that source before.
+        assert spoofed(client, local, "10.77.1.255", port) == answered
+        ip("-n", server_ns, "address", "add", "10.77.1.1/24", "brd", "+", "dev", "vz0")
+        end = time.monotonic() + EVENT_DEADLINE
+        while (moved := spoofed(client, local, "10.77.1.255", port)) != refused:
+            # Judged before the daemon read the event: answered, which the kernel now refuses
+            # itself (EACCES: a broadcast destination, and no SO_BROADCAST).
+            assert moved in ({"received": 1, "sent": 1}, {"received": 1, "send_error": 1})
+            assert time.monotonic() < end, "10.77.1.255 was never refused"
+        assert spoofed(client, local, "10.77.1.7", port) == answered
+        # And answered again once the address (and so its broadcast) is gone.
+        ip("-n", server_ns, "address", "del", "10.77.1.1/24", "dev", "vz0")
+        end = time.monotonic() + EVENT_DEADLINE
+        while (moved := spoofed(client, local, "10.77.1.255", port)) != answered:
+            assert moved == refused
+            assert time.monotonic() < end, "10.77.1.255 was still refused"
+        assert spoofed(client, local, "10.77.0.255", port) == refused
+        assert exchange(client, "10.77.0.1", port)["reply"] == "Your data was 14 bytes"
         assert server.daemon.stop() == 0
 
 

@@ -129,6 +129,82 @@ def test_address_message_ipv6_deleted() -> None:
     assert message.label is None
 
 
+def test_address_message_ipv4_broadcast() -> None:
+    payload = (
+        ifaddrmsg(AF_INET, 24, netlink.IFA_F_PERMANENT, netlink.RT_SCOPE_UNIVERSE, 3)
+        + rta(netlink.IFA_ADDRESS, bytes([10, 9, 0, 1]))
+        + rta(netlink.IFA_LOCAL, bytes([10, 9, 0, 1]))
+        # Set by the operator to other than the subnet's last address: taken as given.
+        + rta(netlink.IFA_BROADCAST, bytes([10, 9, 0, 127]))
+        + rta(netlink.IFA_LABEL, b"eth0\0")
+    )
+    [message] = netlink.parse_messages(nlmsg(netlink.RTM_NEWADDR, payload))
+    assert isinstance(message, netlink.AddressMessage)
+    assert message.broadcast == ipaddress.IPv4Address("10.9.0.127")
+    assert message.subnet_broadcast == ipaddress.IPv4Address("10.9.0.127")
+    assert message.local_address == ipaddress.IPv4Address("10.9.0.1")
+    assert message.label == "eth0"
+
+
+def _address(
+    family: int, prefixlen: int, address: str | None, *extra: bytes
+) -> netlink.AddressMessage:
+    attributes = (
+        b"" if address is None else rta(netlink.IFA_ADDRESS, ipaddress.ip_address(address).packed)
+    )
+    payload = ifaddrmsg(family, prefixlen, 0, 0, 2) + attributes + b"".join(extra)
+    [message] = netlink.parse_messages(nlmsg(netlink.RTM_NEWADDR, payload))
+    assert isinstance(message, netlink.AddressMessage)
+    return message
+
+
+@pytest.mark.parametrize(
+    ("prefixlen", "address", "expected"),
+    [
+        (24, "10.9.0.1", "10.9.0.255"),  # no IFA_BROADCAST: the kernel's own, the last address
+        (8, "127.0.0.1", "127.255.255.255"),  # loopback has one too (a local broadcast route)
+        (30, "192.0.2.5", "192.0.2.7"),
+        (0, "192.0.2.5", "255.255.255.255"),
+        (31, "192.0.2.4", None),  # RFC 3021: a point-to-point /31 has no broadcast
+        (32, "192.0.2.4", None),
+        (64, "2001:db8::1", None),  # IPv6 has no broadcast
+    ],
+)
+def test_subnet_broadcast_without_the_attribute(
+    prefixlen: int, address: str, expected: str | None
+) -> None:
+    family = AF_INET6 if ":" in address else AF_INET
+    message = _address(family, prefixlen, address)
+    assert message.broadcast is None
+    found = message.subnet_broadcast
+    assert found == (None if expected is None else ipaddress.IPv4Address(expected))
+
+
+def test_subnet_broadcast_of_a_point_to_point_peer_prefix() -> None:
+    # ip address add 10.9.0.1 peer 10.8.0.2/24: the prefix, and so the broadcast, is the peer's.
+    local = rta(netlink.IFA_LOCAL, bytes([10, 9, 0, 1]))
+    message = _address(AF_INET, 24, "10.8.0.2", local)
+    assert message.local_address == ipaddress.IPv4Address("10.9.0.1")
+    assert message.subnet_broadcast == ipaddress.IPv4Address("10.8.0.255")
+
+
+@pytest.mark.parametrize(
+    ("family", "value"),
+    [
+        (AF_INET, bytes(4)),  # 0.0.0.0 is no broadcast (the kernel would not send it)
+        (AF_INET, bytes([10, 9, 0])),  # the wrong size
+        (AF_INET6, ipaddress.IPv6Address("2001:db8::ff").packed),  # not an IPv6 attribute
+    ],
+)
+def test_odd_broadcast_attributes_are_ignored(family: int, value: bytes) -> None:
+    address = "10.9.0.1" if family == AF_INET else "2001:db8::1"
+    message = _address(family, 24, address, rta(netlink.IFA_BROADCAST, value))
+    assert message.broadcast is None
+    assert message.subnet_broadcast == (
+        ipaddress.IPv4Address("10.9.0.255") if family == AF_INET else None
+    )
+
+
 def test_link_messages() -> None:
     up = ifinfomsg(1, netlink.IFF_UP | netlink.IFF_LOOPBACK, link_type=772) + rta(
         netlink.IFLA_IFNAME, b"lo\0"

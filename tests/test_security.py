@@ -43,6 +43,8 @@ from udpbindd import privileges
 from udpbindd.config import Listener, Literal
 from udpbindd.daemon import Served
 from udpbindd.expand import Binding
+from udpbindd.guard import Verdict
+from udpbindd.host import interfaces
 from udpbindd.names import SocketName
 from udpbindd.sockets import (
     IP_PKTINFO,
@@ -395,6 +397,46 @@ def test_the_default_factor_answers_the_smallest_request() -> None:
             sock.send(b"")
             assert sock.recv(100) == b"Your data was 0 bytes"  # 49 / 28 = 1.75 on the wire
         assert refused(served(daemon, f"127.0.0.1:{port}").stats) == guard_drops()
+
+
+def test_the_guard_refuses_the_hosts_subnet_broadcasts_and_follows_them() -> None:
+    port = free_port()
+    text = f"""
+listeners:
+  - {{name: guarded, interface: 127.0.0.1, port: {port},
+      rate_limit: {{packets_per_second: 0.001, burst: 1}}}}
+"""
+    with started(text) as daemon, connected("127.0.0.1", port, source="127.0.0.3") as sock:
+        item = served(daemon, f"127.0.0.1:{port}")
+        # Handed over from the daemon's interface table (the kernel tells us no others here).
+        on_host = frozenset(b for i in interfaces().values() for b in i.broadcasts)
+        assert item.broadcast == on_host
+        assert item.guard is not None
+        for broadcast in on_host:
+            assert item.guard.check(str(broadcast), 40000, 0) is Verdict.REFLECTION
+        buffer = bytearray(65536)
+
+        def one() -> None:
+            wait_until(lambda: item.drain(buffer, memoryview(buffer)) == 1, "a datagram")
+
+        sock.send(b"x")
+        one()
+        assert sock.recv(100) == b"Your data was 1 bytes"  # its only token
+        # As an interface event does: 127.0.0.3 becomes a subnet broadcast. The guard is built
+        # again with it, and forgets that it had answered that source...
+        limiter = item.guard.limiter
+        item.set_broadcast(on_host | {ipaddress.IPv4Address("127.0.0.3")})
+        assert item.guard.limiter is limiter  # ...but keeps every rate-limit bucket
+        sock.send(b"y")
+        one()
+        assert refused(item.stats) == guard_drops(reflection=1)
+        # No longer one: judged by its (spent) bucket again.
+        item.set_broadcast(on_host)
+        sock.send(b"z")
+        one()
+        assert refused(item.stats) == guard_drops(rate_limited=1, reflection=1)
+        assert replies(sock) == []
+        assert balanced(item.stats)
 
 
 # -- replies from the address the request was sent to ------------------------------------------

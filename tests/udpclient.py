@@ -12,6 +12,9 @@ change it), so the test can measure from its own timestamps.
 - ``{"hold": [host, port]}``: bind a UDP socket there and keep it; ``{"release": [host,
   port]}`` closes it. Reply ``{"ok": true}`` or ``{"error": errno name}``.
 - ``{"scrape": port}``: GET http://127.0.0.1:PORT/metrics. Reply ``{"text": body}``.
+- ``{"spoof": [host, port], "source": [address, port]}``: one IPv4 datagram whose source is
+  any address, even one no socket could send from (a broadcast), built whole and sent on a
+  raw socket (needs CAP_NET_RAW). Nothing can be received for it. Reply ``{"ok": true}``.
 
 Hosts may carry a zone (``fe80::1%vb1``): addresses go through getaddrinfo, which sets the
 scope id a link-local address needs.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import struct
 import sys
 import time
 import urllib.request
@@ -51,6 +55,29 @@ def _try(
             return None, None
         except OSError as error:
             return None, errno.errorcode.get(error.errno or 0, str(error))
+
+
+def spoof(host: str, port: int, source: str, source_port: int) -> None:
+    """Send PAYLOAD from ``source``:``source_port`` to ``host``:``port`` over a raw socket.
+
+    The kernel fills in the IP header's checksum and id; a UDP checksum of 0 means none.
+    """
+    udp = struct.pack("!HHHH", source_port, port, 8 + len(PAYLOAD), 0) + PAYLOAD
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,  # IPv4, a 20-byte header
+        0,
+        20 + len(udp),
+        0,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(source),
+        socket.inet_aton(host),
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(header + udp, (host, 0))
 
 
 def poll(host: str, port: int, until: float, every: float) -> dict[str, Any]:
@@ -100,6 +127,11 @@ def main() -> None:
             elif "release" in request:
                 host, port = request["release"]
                 held.pop(f"{host}:{port}").close()
+                answer = {"ok": True}
+            elif "spoof" in request:
+                host, port = request["spoof"]
+                source, source_port = request["source"]
+                spoof(host, port, source, source_port)
                 answer = {"ok": True}
             elif "scrape" in request:
                 url = f"http://127.0.0.1:{request['scrape']}/metrics"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import random
 import selectors
@@ -29,6 +30,7 @@ from udpbindd.activation import Inherited, assign
 from udpbindd.clash import Clash
 from udpbindd.config import Config, ConfigError, Listener
 from udpbindd.expand import Absent, Binding
+from udpbindd.gcpause import collection_paused
 from udpbindd.guard import Guard, build_guard
 from udpbindd.metrics import Down, Snapshot
 from udpbindd.names import IPAddress, SocketName
@@ -71,7 +73,9 @@ class Served:
     """A bound binding in the loop: its socket, counters and per-packet behaviour.
 
     ``previous`` is the guard this socket had before a relabel: its rate-limit buckets are
-    kept when the limit did not change.
+    kept when the limit did not change. ``broadcast`` is the host's IPv4 subnet broadcast
+    addresses, which the guard refuses as sources; the daemon hands in the current set and
+    ``set_broadcast`` follows it when an interface changes.
     """
 
     binding: Binding
@@ -79,6 +83,7 @@ class Served:
     recv_buffer: int
     stats: Stats = field(default_factory=Stats)
     previous: InitVar[Guard | None] = None
+    broadcast: frozenset[ipaddress.IPv4Address] = frozenset()
     reply: Reply = field(init=False)
     drop_rate: float = field(init=False)
     # The listener's source policy; None when it has nothing to check (one test per datagram).
@@ -154,9 +159,19 @@ class Served:
         self.binding = binding
         self.reply = RESPONDERS[binding.listener.responder]
         self.drop_rate = binding.listener.drop_rate
-        # The host's subnet broadcasts are not known here (host.interfaces() gives addresses
-        # without prefixes), so only the fixed not-a-client ranges are refused by address.
-        self.guard = build_guard(binding.listener, (), previous=self.guard)
+        self.guard = build_guard(binding.listener, self.broadcast, previous=self.guard)
+
+    def set_broadcast(self, broadcast: frozenset[ipaddress.IPv4Address]) -> None:
+        """Refuse ``broadcast`` (the host's subnet broadcasts now) as sources from now on.
+
+        Only the guard is built again, keeping its rate-limit buckets, and only when the set
+        changed. The loop calls this between drains, never during one: the per-packet path
+        reads the guard once per wake-up and stays as it is.
+        """
+        if broadcast == self.broadcast:
+            return
+        self.broadcast = broadcast
+        self.guard = build_guard(self.binding.listener, broadcast, previous=self.guard)
 
     def drain(self, buffer: bytearray, view: memoryview, budget: int = DRAIN_BUDGET) -> int:
         """Read and answer up to ``budget`` datagrams; return how many receives were made.
@@ -408,6 +423,8 @@ class Daemon:
         self._dirty = False
         self._watch_retry: float | None = None  # when to read the table again after an error
         self._device_index: dict[SocketName, int] = {}  # the interface each device socket holds
+        # The host's subnet broadcasts (from the watch), handed to every served socket's guard.
+        self._broadcast: frozenset[ipaddress.IPv4Address] = frozenset()
         self._inherited_names: set[SocketName] = set()
         # States as the logs last told them, and when failed sockets are tried again.
         self._entries: dict[states.Key, states.Entry] = {}
@@ -464,7 +481,8 @@ class Daemon:
         # One reference swap, once the served set, its failures and the reload gauges all say
         # the same: a scrape sees the state before a change or after it, never a mixture.
         # Served objects are never changed once published (a relabel makes a new one), so the
-        # snapshot cannot move under a scrape either; only the plain counters keep counting.
+        # snapshot cannot move under a scrape either; only the plain counters keep counting
+        # (and the guard, which no scrape reads, follows the host's subnet broadcasts).
         self._snapshot = Snapshot(
             bound=tuple(self.served.values()),
             down=(
@@ -525,6 +543,7 @@ class Daemon:
                 )
                 return None
             self._selector.register(self._watch.sock, selectors.EVENT_READ, _WATCH)
+            self._follow_broadcasts()
         return self._addresses()
 
     def _addresses(self) -> dict[str, tuple[IPAddress, ...]] | None:
@@ -628,7 +647,7 @@ class Daemon:
                 # The survey found no clash, so another socket appeared since: name its holder.
                 reason = self._holder_of(binding) or reason
             return None, Failure(binding.listener, str(binding.name), reason, error.errno_name)
-        served = Served(binding, sock, granted)
+        served = Served(binding, sock, granted, broadcast=self._broadcast)
         self._selector.register(sock, selectors.EVENT_READ, served)
         if adopted is not None:
             self._inherited_names.add(binding.name)
@@ -649,7 +668,7 @@ class Daemon:
         must show the old labels until the new snapshot replaces it as a whole.
         """
         # The old guard goes along: its rate-limit buckets are kept if the limit is unchanged.
-        new = Served(binding, old.sock, old.recv_buffer, old.stats, old.guard)
+        new = Served(binding, old.sock, old.recv_buffer, old.stats, old.guard, self._broadcast)
         self._selector.modify(old.sock, selectors.EVENT_READ, new)
         log.info(
             "listener_relabelled",
@@ -783,6 +802,15 @@ class Daemon:
     def reload(self) -> None:
         """Re-read the configuration and apply it; any failure leaves the serving set as it was.
 
+        The cyclic collector is paused meanwhile: reading and surveying thousands of listeners
+        builds long-lived objects that it would otherwise scan over and over.
+        """
+        with collection_paused():
+            self._reload()
+
+    def _reload(self) -> None:
+        """The reload itself.
+
         Around it, sd_notify gets ``RELOADING=1`` with ``MONOTONIC_USEC`` first and
         ``READY=1`` with a ``STATUS`` last, whatever happens in between. Every reload, good or
         failed, ends with one ``reload_finished`` summary event.
@@ -894,6 +922,11 @@ class Daemon:
     # -- following the interfaces -------------------------------------------------------------
 
     def refresh(self) -> None:
+        """Apply the current configuration again, to the interfaces as they are now."""
+        with collection_paused():
+            self._refresh()
+
+    def _refresh(self) -> None:
         """Apply the current configuration again, to the interfaces as they are now.
 
         Runs when the interface table changed and when a failed socket's retry is due.
@@ -1025,8 +1058,25 @@ class Daemon:
             self._watch_retry = time.monotonic() + states.RETRY_FIRST
             self._schedule()
             return
+        self._follow_broadcasts()
         if changed:
             self._dirty = True
+
+    def _follow_broadcasts(self) -> None:
+        """Give every served socket's guard the interface table's subnet broadcasts, when they
+        changed (an address came or went): refused as sources from the next datagram on."""
+        assert self._watch is not None  # noqa: S101 - called only once it exists
+        broadcast = self._watch.broadcasts()
+        if broadcast == self._broadcast:
+            return
+        log.debug(
+            "subnet_broadcasts_changed",
+            added=sorted(str(address) for address in broadcast - self._broadcast),
+            removed=sorted(str(address) for address in self._broadcast - broadcast),
+        )
+        self._broadcast = broadcast
+        for served in self.served.values():
+            served.set_broadcast(broadcast)
 
     def _schedule(self) -> None:
         """When the loop must wake up on its own: a retry, a start-up extension or deadline."""

@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from udpbindd import netlink
@@ -57,14 +57,27 @@ class HeldSocket:
     owner: Owner | None = None
 
 
+# Where an interface's broadcast address came from: (IPv4 address, prefix length, broadcast).
+BroadcastSource = tuple[ipaddress.IPv4Address, int, ipaddress.IPv4Address]
+
+
 @dataclass(frozen=True, slots=True)
 class Interface:
-    """One network interface and its addresses (without zone: the interface is the zone)."""
+    """One network interface and its addresses (without zone: the interface is the zone).
+
+    ``broadcasts`` are the IPv4 broadcast addresses of its subnets, each once (see
+    ``netlink.AddressMessage.subnet_broadcast``). ``broadcast_sources`` is the bookkeeping
+    behind them, one entry per address and prefix length: an address that goes away takes its
+    broadcast along only when no other address of the interface has the same one. It is left
+    out of comparisons, which are about what the interface has, not how it got there.
+    """
 
     name: str
     index: int
     up: bool
     addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    broadcasts: tuple[ipaddress.IPv4Address, ...] = ()
+    broadcast_sources: tuple[BroadcastSource, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +331,8 @@ def apply_messages(
     matched by index, so a rename keeps the addresses. Addresses whose duplicate-address
     detection failed are left out: they can never be bound. So are tentative ones (DAD still
     running, and not optimistic): bind() refuses them until the kernel announces the address
-    again without the flag, which adds it here. Other messages are ignored.
+    again without the flag, which adds it here. Each IPv4 address brings its subnet broadcast
+    into ``broadcasts`` and takes it away again when it goes. Other messages are ignored.
     """
     by_index = {interface.index: interface for interface in current.values()}
     for message in messages:
@@ -337,8 +351,10 @@ def _apply_link(by_index: dict[int, Interface], message: netlink.LinkMessage) ->
     name = message.name if message.name is not None else old.name if old else None
     if name is None:
         return
-    addresses = old.addresses if old else ()
-    by_index[message.index] = Interface(name, message.index, message.up, addresses)
+    if old is None:
+        by_index[message.index] = Interface(name, message.index, message.up, ())
+    else:
+        by_index[message.index] = replace(old, name=name, up=message.up)
 
 
 def _apply_address(by_index: dict[int, Interface], message: netlink.AddressMessage) -> None:
@@ -346,13 +362,44 @@ def _apply_address(by_index: dict[int, Interface], message: netlink.AddressMessa
     address = message.local_address
     if interface is None or address is None:
         return
-    if message.deleted or not usable(message.flags):
+    removed = message.deleted or not usable(message.flags)
+    if removed:
         kept = tuple(a for a in interface.addresses if a != address)
     elif address in interface.addresses:
-        return
+        kept = interface.addresses
     else:
         kept = (*interface.addresses, address)
-    by_index[message.index] = replace(interface, addresses=kept)
+    sources = interface.broadcast_sources
+    if isinstance(address, ipaddress.IPv4Address):
+        broadcast = None if removed else message.subnet_broadcast
+        entry = None if broadcast is None else (address, message.prefixlen, broadcast)
+        sources = _with_source(sources, (address, message.prefixlen), entry)
+    if kept == interface.addresses and sources == interface.broadcast_sources:
+        return  # announced again, unchanged (IPv6 lifetimes are, often)
+    broadcasts = tuple(dict.fromkeys(source[2] for source in sources))
+    by_index[message.index] = replace(
+        interface, addresses=kept, broadcasts=broadcasts, broadcast_sources=sources
+    )
+
+
+def _with_source(
+    sources: tuple[BroadcastSource, ...],
+    key: tuple[ipaddress.IPv4Address, int],
+    entry: BroadcastSource | None,
+) -> tuple[BroadcastSource, ...]:
+    """``sources`` with the entry of ``key`` (an address and prefix length, as the kernel tells
+    its address entries apart) replaced by ``entry`` in place, added, or dropped when None."""
+    found: list[BroadcastSource] = []
+    placed = False
+    for source in sources:
+        if source[:2] != key:
+            found.append(source)
+        elif entry is not None and not placed:
+            found.append(entry)
+            placed = True
+    if entry is not None and not placed:
+        found.append(entry)
+    return tuple(found)
 
 
 def usable(flags: int) -> bool:

@@ -56,6 +56,7 @@ DIAG_ALL_STATES = 0xFFFFFFFF
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFA_LABEL = 3
+IFA_BROADCAST = 4
 IFA_FLAGS = 8
 
 IFA_F_SECONDARY = 0x01
@@ -156,6 +157,8 @@ class AddressMessage:
     """RTM_NEWADDR or RTM_DELADDR: one address of one interface.
 
     ``flags`` is the full IFA_FLAGS value when present (the header's u8 field is truncated).
+    ``broadcast`` is IFA_BROADCAST, which only IPv4 addresses have, and only when one was set
+    (``ip address add ... brd +``); see ``subnet_broadcast`` for the one the kernel uses.
     """
 
     header: Header
@@ -167,6 +170,7 @@ class AddressMessage:
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     local: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     label: str | None
+    broadcast: ipaddress.IPv4Address | None = None
 
     @property
     def local_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -176,6 +180,23 @@ class AddressMessage:
         else the kernel sends IFA_ADDRESS alone (IPv6) or both with the same value (IPv4).
         """
         return self.local if self.local is not None else self.address
+
+    @property
+    def subnet_broadcast(self) -> ipaddress.IPv4Address | None:
+        """The IPv4 broadcast address that comes with this address, or None.
+
+        IFA_BROADCAST when the message has it; otherwise the subnet's last address, which the
+        kernel makes a broadcast address (a ``broadcast`` route in the local table) whether
+        or not one was set, for prefixes shorter than /31 (RFC 3021: a /31 has none). Worked
+        out from IFA_ADDRESS, as the kernel does: on a point-to-point link that is the peer.
+        """
+        if self.broadcast is not None:
+            return self.broadcast
+        base = self.address if self.address is not None else self.local
+        if not isinstance(base, ipaddress.IPv4Address) or self.prefixlen >= 31:
+            return None
+        network = ipaddress.IPv4Network((base, self.prefixlen), strict=False)
+        return network.broadcast_address
 
     @property
     def deleted(self) -> bool:
@@ -340,11 +361,12 @@ def parse_link(header: Header, payload: bytes) -> LinkMessage:
 
 
 def parse_address(header: Header, payload: bytes) -> AddressMessage:
-    """Decode an ifaddrmsg with IFA_ADDRESS, IFA_LOCAL, IFA_LABEL and IFA_FLAGS."""
+    """Decode an ifaddrmsg with IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_BROADCAST, IFA_FLAGS."""
     _need(payload, _IFADDRMSG.size, "ifaddrmsg")
     family, prefixlen, flags, scope, index = _IFADDRMSG.unpack_from(payload)
     address = local = None
     label = None
+    broadcast = None
     for attribute in parse_attributes(payload[_IFADDRMSG.size :]):
         if attribute.type == IFA_ADDRESS:
             address = _ip_attribute(family, attribute.value)
@@ -352,9 +374,16 @@ def parse_address(header: Header, payload: bytes) -> AddressMessage:
             local = _ip_attribute(family, attribute.value)
         elif attribute.type == IFA_LABEL:
             label = _text(attribute.value)
+        elif attribute.type == IFA_BROADCAST and family == socket.AF_INET:
+            value = _ip_attribute(family, attribute.value)
+            # The kernel sends none for 0.0.0.0 (no broadcast): never take that one as such.
+            if isinstance(value, ipaddress.IPv4Address) and int(value):
+                broadcast = value
         elif attribute.type == IFA_FLAGS and len(attribute.value) >= _U32.size:
             flags = _U32.unpack_from(attribute.value)[0]
-    return AddressMessage(header, family, prefixlen, flags, scope, index, address, local, label)
+    return AddressMessage(
+        header, family, prefixlen, flags, scope, index, address, local, label, broadcast
+    )
 
 
 def parse_inet_diag(header: Header, payload: bytes) -> InetDiagMessage:

@@ -9,6 +9,7 @@ are the pure ``netlink`` parsers and ``host.apply_messages``; this module only r
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Mapping
 
@@ -64,6 +65,11 @@ class InterfaceWatch:
     def addresses(self) -> dict[str, tuple[IPAddress, ...]]:
         """Each interface with its usable addresses, as ``expand`` takes them."""
         return {name: item.addresses for name, item in self.table.items()}
+
+    def broadcasts(self) -> frozenset[ipaddress.IPv4Address]:
+        """Every interface's IPv4 subnet broadcast addresses, which the reflection guard refuses
+        as sources (they are not in ``view``: a change to them alone rebinds nothing)."""
+        return frozenset(address for item in self.table.values() for address in item.broadcasts)
 
     def index(self, name: str) -> int | None:
         """The index of interface ``name`` now, or None when it does not exist."""
