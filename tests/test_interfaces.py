@@ -631,6 +631,9 @@ def totals(local: Worker, listener: str) -> dict[str, float]:
     return counted
 
 
+CLIENT_MAC = "02:00:00:77:00:02"
+
+
 def spoofed(client: Worker, local: Worker, source: str, port: int) -> dict[str, float]:
     """Send one datagram to 10.77.0.1:``port`` from ``source`` (a raw socket in the client
     namespace); return how the counters moved once the daemon has received it (bounded)."""
@@ -662,8 +665,14 @@ def test_a_subnet_broadcast_source_gets_no_reply_and_counts_as_reflection(
         # reach the daemon and its guard alone has to refuse them.
         for conf in ("all", "default", "vz0"):
             ip("netns", "exec", server_ns, "sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0")
-        # Somewhere for replies to sources off the subnet to go (lost on the wire: no ARP).
+        # Replies to the spoofed sources that are answered go to the client namespace's MAC,
+        # which drops them silently (not its address, no forwarding): no ARP that fails
+        # seconds later and no ICMP error, either of which would count as a send error.
         ip("-n", server_ns, "route", "add", "default", "dev", "vz0")
+        ip("-n", client_ns, "link", "set", "vz1", "address", CLIENT_MAC)
+        for neighbour in ("10.77.0.7", "10.77.1.7", "10.77.1.255"):
+            ip("-n", server_ns, "neigh", "replace", neighbour, "lladdr", CLIENT_MAC, "dev", "vz0",
+               "nud", "permanent")  # fmt: skip
         assert "brd 10.77.0.255" in ip("-n", server_ns, "address", "show", "dev", "vz0")
         server = stack.enter_context(Server(server_ns, config))
         client = stack.enter_context(Worker(client_ns, CLIENT))
