@@ -10,6 +10,7 @@ pid on leaving the ``with`` block if it is still running.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import selectors
@@ -41,6 +42,21 @@ def exchange(
             return sock.recv(70000)
         except (TimeoutError, ConnectionRefusedError):
             return None
+
+
+def bindable(address: str, port: int) -> bool:
+    """Whether the test itself can bind this socket name now (V6ONLY set, never REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
 
 
 def wait_answering(host: str, port: int, deadline: float = DEADLINE) -> bytes:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, free_port_both, require_root
+from daemonproc import bindable
 
 from udpbindd.config import Config, parse_text
 from udpbindd.daemon import DRAIN_BUDGET, Daemon, Served, StartFailed, options_of
@@ -173,19 +174,6 @@ def nothing_queued(sock: socket.socket) -> bool:
 
 def comm() -> str:
     return Path("/proc/self/comm").read_text().strip()
-
-
-def can_bind(family: int, address: str, port: int) -> bool:
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((address, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                return False
-            raise
-        return True
 
 
 # -- responders and counters ------------------------------------------------------------------
@@ -534,7 +522,7 @@ listeners:
     )
     # Known before binding, so nothing was bound, not even the listener that was free.
     assert calls == []
-    assert can_bind(socket.AF_INET, "127.0.0.1", free)
+    assert bindable("127.0.0.1", free)
 
 
 def test_a_socket_taken_after_the_survey_is_explained_by_its_holder() -> None:
@@ -559,7 +547,7 @@ listeners:
     assert failure.errno_name == "EADDRINUSE"
     assert f"held by pid {os.getpid()} ({comm()})" in failure.reason
     # The listener bound before the failure was closed again.
-    assert can_bind(socket.AF_INET, "127.0.0.1", other)
+    assert bindable("127.0.0.1", other)
 
 
 def test_optional_listener_that_cannot_bind_is_reported_and_the_rest_serve(
@@ -622,7 +610,7 @@ listeners:
         )
         assert daemon.status_text() == "1 bound, 1 waiting, 0 failed"
         assert daemon.ready is False  # READY=1 is for run() to send, once nothing waits
-    assert can_bind(socket.AF_INET, "127.0.0.1", port)
+    assert bindable("127.0.0.1", port)
 
 
 def test_an_address_gone_by_bind_time_waits_instead_of_rolling_back() -> None:
@@ -703,13 +691,13 @@ listeners:
         with client(4, port) as sock:
             sock.send(b"x")
             assert sock.recv(100) == b"Your data was 1 bytes"
-        assert not can_bind(socket.AF_INET, "127.0.0.1", port)
+        assert not bindable("127.0.0.1", port)
         daemon.wake(signum)
         thread.join(DEADLINE)
         assert not thread.is_alive()
         assert daemon.served == {}
-    assert can_bind(socket.AF_INET, "127.0.0.1", port)
-    assert can_bind(socket.AF_INET6, "::1", port)
+    assert bindable("127.0.0.1", port)
+    assert bindable("::1", port)
     events = [event["event"] for event in log_events]
     assert events[-3:] == ["started", "stopping", "stopped"]
     assert notifier.sent[0] == ("READY=1", "STATUS=2 bound, 0 waiting, 0 failed")

@@ -7,7 +7,6 @@ that every socket name is free again once the daemon has exited.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import socket
@@ -18,27 +17,12 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, free_port_both, require
-from daemonproc import DaemonProcess, exchange, plain_lines, wait_answering
+from daemonproc import DaemonProcess, bindable, exchange, plain_lines, wait_answering
 
 from udpbindd.config import DEFAULT_PATH
 
 DEADLINE = 15.0
 WriteConfig = Callable[[str], Path]
-
-
-def bindable(address: str, port: int) -> bool:
-    """Whether the test itself can bind this socket name now (V6ONLY set, never REUSEADDR)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((address, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
 
 
 def comm_of(pid: int) -> str:
