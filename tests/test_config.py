@@ -21,6 +21,7 @@ from udpbindd.config import (
     Family,
     InterfaceName,
     Literal,
+    IOMode,
     LogFormat,
     LogLevel,
     Responder,
@@ -939,7 +940,7 @@ def test_alias_bomb_is_cheap() -> None:
     assert len(problems) == 19
     assert problems[-2:] == [
         "t.yaml:9: listeners[8]: expected a mapping, got a list",
-        "t.yaml:10: l9: unknown key (known: listeners, logging, metrics, user)",
+        "t.yaml:10: l9: unknown key (known: io, listeners, logging, metrics, user)",
     ]
 
 
@@ -1481,6 +1482,23 @@ def test_logging_rejected() -> None:
         "t.yaml:3: logging.level: expected one of: debug, info, warning, error, got a number (10)",
         "t.yaml:4: logging.format: 'xml' is not one of: auto, json, console",
         "t.yaml:5: logging.colour: unknown key (known: format, level)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [("", IOMode.BATCHED), ("io: batched\n", IOMode.BATCHED), ("io: Plain\n", IOMode.PLAIN)],
+)
+def test_io_mode_accepted(section: str, expected: IOMode) -> None:
+    assert parse_text(f"listeners: []\n{section}", "t").io is expected
+
+
+def test_io_mode_rejected() -> None:
+    assert text_problems("listeners: []\nio: fast\n") == [
+        "t.yaml:2: io: 'fast' is not one of: batched, plain",
+    ]
+    assert text_problems("listeners: []\nio: 1\n") == [
+        "t.yaml:2: io: expected one of: batched, plain, got a number (1)",
     ]
 
 

@@ -99,6 +99,14 @@ class LogFormat(enum.StrEnum):
     CONSOLE = "console"
 
 
+class IOMode(enum.StrEnum):
+    """How the loop moves datagrams: ``batched`` (recvmmsg/sendmmsg where the kernel and libc
+    have them, else plain) or ``plain`` (one recvfrom/sendto per datagram)."""
+
+    BATCHED = "batched"
+    PLAIN = "plain"
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -225,6 +233,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     user: str = ""  # switch to this user after binding; "" stays who we are
+    io: IOMode = IOMode.BATCHED
 
     @property
     def enabled_listeners(self) -> tuple[Listener, ...]:
@@ -318,7 +327,7 @@ def _parse_text(text: str, source: str) -> Config:
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.StrEnum)
 
-TOP_KEYS = frozenset({"listeners", "metrics", "logging", "user"})
+TOP_KEYS = frozenset({"listeners", "metrics", "logging", "user", "io"})
 LISTENER_KEYS = frozenset(
     {
         "name", "interface", "port", "family", "responder", "drop_rate", "device",
@@ -434,7 +443,8 @@ class _Checker:
         if fields.get("logging", Item(None, 0)).value is not None:
             logging = self.logging(fields["logging"]) or logging
         user = self.optional(fields, "user", "", lambda i, _: self.user(i))
-        return Config(self.source, listeners, metrics, logging, user or "")
+        io = self.optional(fields, "io", "", lambda i, p: self.choice(i, "io", IOMode))
+        return Config(self.source, listeners, metrics, logging, user or "", io or IOMode.BATCHED)
 
     def listeners(self, item: Item) -> tuple[Listener, ...]:
         if not isinstance(item.value, list):
