@@ -1,7 +1,8 @@
-"""Shared fixtures: free ports, config files, captured log events, and a daemon subprocess."""
+"""Shared fixtures: free ports, config files, captured log events, the loop's I/O path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,7 +15,12 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from udpbindd import batch
+from udpbindd.config import IOMode
+
 IN_CI = os.environ.get("CI") == "true"
+# How the in-process daemons of the running test move datagrams (set by ``io_mode``).
+IO = {"mode": IOMode.BATCHED}
 
 
 def require(condition: bool, reason: str) -> None:
@@ -24,6 +30,26 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(params=list(IOMode), ids=lambda mode: f"io={mode}")
+def io_mode(request: pytest.FixtureRequest) -> Iterator[IOMode]:
+    """Run the test once with the batched path and once with the plain one."""
+    mode: IOMode = request.param
+    with io_path(mode):
+        yield mode
+
+
+@contextlib.contextmanager
+def io_path(mode: IOMode) -> Iterator[None]:
+    """In-process daemons configured meanwhile move datagrams as ``mode`` says."""
+    if mode is IOMode.BATCHED:
+        require(batch.available(), "recvmmsg/sendmmsg are not available here")
+    IO["mode"] = mode
+    try:
+        yield
+    finally:
+        IO["mode"] = IOMode.BATCHED
 
 
 def require_tool(name: str) -> str:

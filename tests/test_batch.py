@@ -17,13 +17,14 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from typing import Any
 
 import pytest
 from conftest import require
 
 from udpbindd import batch
 from udpbindd.config import Listener, Literal, RateLimit, Responder
-from udpbindd.daemon import BUFFER_SIZE, Served
+from udpbindd.daemon import BUFFER_SIZE, DRAIN_BUDGET, Served
 from udpbindd.expand import Binding
 from udpbindd.guard import build_guard
 from udpbindd.names import SocketName
@@ -139,8 +140,15 @@ def plain_drain() -> Drain:
 
 def batched_drain(size: int = batch.BATCH_SIZE) -> Drain:
     fast = batch.Batch(size)
+    # As the daemon calls it (Served.drain_batched): with the socket's guard and packet info.
     return lambda served, budget: fast.drain(
-        served.sock, served.reply, served.stats, served.drop_rate, budget
+        served.sock,
+        served.reply,
+        served.stats,
+        served.drop_rate,
+        budget,
+        guard=served.guard,
+        pktinfo=served.pktinfo,
     )
 
 
@@ -372,6 +380,45 @@ def test_a_wildcard_socket_answers_from_the_address_it_was_reached_at() -> None:
     assert received[False] == []  # it left from 127.0.0.1, which the client ignores
 
 
+def test_a_dual_stack_wildcard_answers_each_family_from_where_it_was_reached() -> None:
+    """IPv4 clients reach [::] (V6ONLY off) as v4-mapped addresses: both paths answer each
+    client from the very address it used, 127.0.0.2 or ::1, with identical counters."""
+    outcomes = []
+    for drain in (plain_drain(), batched_drain()):
+        name = SocketName(ipaddress.ip_address("::"), 0, "", v6only=False)
+        sock, granted = open_udp(name, Options(recv_buffer=RECV_BUFFER))
+        port = sock.getsockname()[1]
+        listener = Listener(
+            name="dual",
+            interface="::",
+            target=Literal(ipaddress.ip_address("::")),
+            port=port,
+            responder=Responder.ECHO,
+        )
+        with sock:
+            served = Served(Binding(listener, name), sock, granted)
+            assert served.pktinfo
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as four,
+                socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as six,
+            ):
+                four.bind(("127.0.0.1", 0))
+                four.connect(("127.0.0.2", port))  # replies from elsewhere are not seen
+                six.connect(("::1", port))
+                for number in range(20):
+                    four.send(b"4:%d" % number)
+                    six.send(b"6:%d" % number)
+                settle(served)
+                assert drain_until_empty(drain, served) == [40, 0]
+                got = (receive_all(four, 20), receive_all(six, 20))
+                outcomes.append((got, asdict(served.stats)))
+    assert outcomes[0] == outcomes[1]
+    (four_replies, six_replies), stats = outcomes[1]
+    assert four_replies == [b"4:%d" % n for n in range(20)]
+    assert six_replies == [b"6:%d" % n for n in range(20)]
+    assert stats["sent_packets"] == 40
+
+
 def test_replies_other_than_echo_after_a_refusal_go_to_the_right_peers() -> None:
     # The first datagram of the batch is dropped by its responder; the second reply must
     # still go to the second client, not the first.
@@ -389,6 +436,43 @@ def test_replies_other_than_echo_after_a_refusal_go_to_the_right_peers() -> None
         assert receive_all(two, 1) == [b"ok:two"]
         assert receive_all(one, 1) == [b"ok:one"]
         assert served.stats.sent_packets == 2
+
+
+def test_a_quiet_socket_answers_its_first_datagram_plain_and_a_burst_in_batches() -> None:
+    """``Served.drain_batched``, as the daemon's loop calls it on the batched path."""
+    fast = batch.Batch()
+    batched: list[int] = []
+    drain = fast.drain
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        got = drain(*args, **kwargs)
+        batched.append(got)
+        return got
+
+    fast.drain = counted  # type: ignore[method-assign]
+    buffer = bytearray(BUFFER_SIZE)
+    view = memoryview(buffer)
+    with server() as served, client() as sock:
+        assert served.quiet
+        sock.sendto(b"lone", address_of(served))
+        settle(served)
+        # Answered by the plain receive; the batch only finds the queue empty.
+        assert served.drain_batched(fast, buffer, view) == 1
+        assert receive_all(sock, 1) == [b"lone"]
+        assert (batched, served.quiet) == ([0], True)
+        burst = [b"%d" % n for n in range(100)]
+        send_all(sock, address_of(served), burst)
+        settle(served)
+        # One plain datagram and the rest of the budget in a batch; then batches only.
+        assert served.drain_batched(fast, buffer, view) == DRAIN_BUDGET
+        assert (batched[1:], served.quiet) == ([DRAIN_BUDGET - 1], False)
+        assert served.drain_batched(fast, buffer, view) == 100 - DRAIN_BUDGET
+        assert (batched[2:], served.quiet) == ([100 - DRAIN_BUDGET], False)
+        assert receive_all(sock, 100) == burst
+        # A wake-up that found nothing left: quiet again.
+        assert served.drain_batched(fast, buffer, view) == 0
+        assert served.quiet
+        assert (served.stats.received_packets, served.stats.sent_packets) == (101, 101)
 
 
 def test_batch_size_is_bounded() -> None:

@@ -2,11 +2,13 @@
 
 Signals are delivered with ``daemon.wake(signum)``, the same byte ``set_wakeup_fd`` writes
 (which only the main thread may install). Counters are read straight from the bindings.
+Every test runs twice: with the batched path (``io: batched``) and the plain one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import selectors
@@ -20,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, free_port_both, require_root
+from conftest import IO, free_port, free_port_both, require_root
 from daemonproc import bindable
 
-from udpbindd.config import Config, parse_text
-from udpbindd.daemon import DRAIN_BUDGET, Daemon, Served, StartFailed, options_of
+from udpbindd.config import Config, IOMode, parse_text
+from udpbindd.daemon import DRAIN_BUDGET, SPREAD, Daemon, Served, StartFailed, options_of
 from udpbindd.expand import Binding
 from udpbindd.names import SocketName
 from udpbindd.sockets import (
@@ -95,8 +97,13 @@ def drops(simulated: int = 0, send_error: int = 0) -> dict[str, int]:
     }
 
 
+# Every test here runs on both paths, batched and plain.
+pytestmark = pytest.mark.usefixtures("io_mode")
+
+
 def config(text: str) -> Config:
-    return parse_text(text, "test.yaml")
+    """``text`` parsed, moving datagrams the way the running test asks (``io_mode``)."""
+    return dataclasses.replace(parse_text(text, "test.yaml"), io=IO["mode"])
 
 
 @contextlib.contextmanager
@@ -485,6 +492,69 @@ def test_drain_reads_at_most_its_budget() -> None:
         # The rest stays queued for the next pass; an empty queue ends the drain early.
         assert item.drain(buffer, memoryview(buffer), budget=100) == 6
         assert item.drain(buffer, memoryview(buffer), budget=100) == 0
+
+
+def test_the_loop_moves_datagrams_the_way_the_file_says(
+    io_mode: IOMode, log_events: list[dict[str, object]]
+) -> None:
+    port = free_port()
+    with serving(f"listeners: [{{interface: 127.0.0.1, port: {port}, responder: echo}}]") as d:
+        assert d.io is io_mode
+        with client(4, port) as sock:
+            sock.send(b"hello")
+            assert sock.recv(100) == b"hello"
+    started_events = [event for event in log_events if event["event"] == "started"]
+    assert [event["io"] for event in started_events] == [io_mode.value]
+
+
+def test_a_reload_switches_between_batched_and_plain(io_mode: IOMode, tmp_path: Path) -> None:
+    port = free_port()
+    other = IOMode.PLAIN if io_mode is IOMode.BATCHED else IOMode.BATCHED
+    text = f"listeners: [{{interface: 127.0.0.1, port: {port}, responder: echo}}]\n"
+    cfg = config(text)
+    daemon = Daemon(cfg, loader=lambda: parse_text(f"{text}io: {other}\n", "test.yaml"))
+    try:
+        daemon.start(survey(cfg.enabled_listeners))
+        with running(daemon), client(4, port) as sock:
+            assert daemon.io is io_mode
+            daemon.wake(signal.SIGHUP)
+            wait_until(lambda: daemon.io is other, "the reload to switch the path")
+            for payload in (b"a", b"b" * 1400):
+                sock.send(payload)
+                assert sock.recv(2000) == payload
+    finally:
+        daemon.shutdown()
+
+
+def test_when_many_sockets_are_ready_at_once_each_is_served_and_counted() -> None:
+    """Spread load: more than SPREAD sockets ready in one pass, several datagrams each."""
+    ports = [free_port() for _ in range(3 * SPREAD)]
+    entries = "\n".join(
+        f"  - {{interface: 127.0.0.1, port: {port}, responder: echo}}" for port in ports
+    )
+    per_socket = 5
+    with (
+        started(f"listeners:\n{entries}\n") as daemon,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+    ):
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(DEADLINE)
+        set_receive_buffer(sock, 1024 * 1024)
+        for number in range(per_socket):
+            for port in ports:
+                sock.sendto(b"%d:%d" % (port, number), ("127.0.0.1", port))
+        items = [served(daemon, f"127.0.0.1:{port}") for port in ports]
+        wait_until(
+            lambda: all(queued_bytes(item.sock) >= per_socket * 300 for item in items),
+            "every datagram to be queued",
+        )
+        with running(daemon):
+            replies = [sock.recv(100) for _ in range(per_socket * len(ports))]
+            for item in items:
+                wait_counts(item.stats, received_packets=per_socket, sent_packets=per_socket)
+                assert kernel_drops(item.sock) == 0
+        expected = [b"%d:%d" % (port, n) for port in ports for n in range(per_socket)]
+        assert sorted(replies) == sorted(expected)
 
 
 # -- starting: required and optional listeners ------------------------------------------------

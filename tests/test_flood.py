@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 from daemonproc import DaemonProcess, exchange
 from prometheus import free_tcp_port, samples, scrape, value
@@ -100,6 +101,7 @@ metrics: {{listen: "127.0.0.1:{metrics}"}}
         assert proc.stop() == 0  # it was still running, and stops cleanly
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_a_flood_faster_than_the_loop_does_not_stop_another_listener() -> None:
     small, other = free_port(), free_port()
     text = f"""

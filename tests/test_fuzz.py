@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 import pytest
 import structlog
 import yaml
-from conftest import free_port_both
+from conftest import free_port_both, io_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_daemon import running, started, wait_until
 
 from udpbindd import config as config_module
-from udpbindd.config import ConfigError, parse_text
+from udpbindd.config import ConfigError, IOMode, parse_text
 from udpbindd.daemon import Daemon
 from udpbindd.sockets import set_receive_buffer
 
@@ -82,8 +82,9 @@ def _client(family: int, host: str, port: int = 0) -> socket.socket | None:
     return sock
 
 
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=list(IOMode), ids=lambda mode: f"io={mode}")
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """The daemon every example talks to, once on each path (batched, plain)."""
     ports = [free_port_both() for _ in range(5)]
     size, echo, guarded, star, six = ports
     text = f"""
@@ -124,6 +125,7 @@ listeners:
     # Logs are captured for the module: the autouse fixture's capture covers one test only,
     # and outside it structlog may still write to a stream an earlier test's capture closed.
     with (
+        io_path(request.param),
         structlog.testing.capture_logs(),
         started(text) as daemon,
         running(daemon),

@@ -112,6 +112,7 @@ def balanced(stats: Stats) -> bool:
 # -- access lists -------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_allow_answers_the_listed_source_and_counts_the_rest_as_denied() -> None:
     port = free_port()
     text = f"""
@@ -135,6 +136,7 @@ listeners:
         assert balanced(stats)
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_deny_wins_over_a_broader_allow() -> None:
     port = free_port()
     text = f"""
@@ -155,6 +157,7 @@ listeners:
         assert replies(two) == []
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_dual_stack_sources_are_matched_as_the_ipv4_clients_they_are() -> None:
     """A dual-stack socket sees 127.0.0.1 as ::ffff:127.0.0.1; entries match it either way."""
     port = free_port_both()
@@ -185,6 +188,7 @@ listeners:
 # -- rate limit ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_a_burst_gets_at_most_burst_plus_rate_times_time_per_source() -> None:
     rate, burst, sent = 5, 10, 200
     port = free_port()
@@ -221,6 +225,7 @@ listeners:
         assert len(replies(other)) == burst
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_evicted_sources_are_counted_and_start_again_with_a_full_bucket() -> None:
     port = free_port()
     text = f"""
@@ -253,6 +258,7 @@ listeners:
         assert len(replies(clients[1])) == 2
 
 
+@pytest.mark.usefixtures("io_mode")
 @pytest.mark.parametrize(("burst", "kept"), [(1, True), (2, False)])
 def test_a_relabelled_socket_keeps_its_buckets_only_when_the_limit_is_unchanged(
     burst: int, kept: bool
@@ -307,6 +313,7 @@ def from_port(port: int, family: int = 4) -> Iterator[socket.socket]:
         yield sock
 
 
+@pytest.mark.usefixtures("io_mode")
 @pytest.mark.parametrize("family", [4, 6])
 def test_no_reply_to_the_echo_and_chargen_ports(family: int) -> None:
     port, open_port = free_port_both(), free_port_both()
@@ -338,6 +345,7 @@ listeners:
         assert echo.recv(100) == b"Your data was 5 bytes"
 
 
+@pytest.mark.usefixtures("io_mode")
 @pytest.mark.parametrize("family", [4, 6])
 def test_source_port_zero_is_refused_as_reflection(family: int) -> None:
     require_root()  # a raw socket forges the source port
@@ -360,6 +368,7 @@ def test_source_port_zero_is_refused_as_reflection(family: int) -> None:
         assert (stats.sent_packets, stats.send_errors) == (0, 0)
 
 
+@pytest.mark.usefixtures("io_mode")
 @pytest.mark.parametrize("family", [4, 6])
 def test_replies_larger_than_max_amplification_are_not_sent(family: int) -> None:
     size_port, echo_port = free_port_both(), free_port_both()
@@ -390,6 +399,7 @@ listeners:
         assert served(daemon, label(echo_port)).stats.dropped_reflection == 0
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_the_default_factor_answers_the_smallest_request() -> None:
     port = free_port()
     with serving(f"listeners: [{{interface: 127.0.0.1, port: {port}}}]") as daemon:
@@ -399,6 +409,7 @@ def test_the_default_factor_answers_the_smallest_request() -> None:
         assert refused(served(daemon, f"127.0.0.1:{port}").stats) == guard_drops()
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_the_guard_refuses_the_hosts_subnet_broadcasts_and_follows_them() -> None:
     port = free_port()
     text = f"""
@@ -444,6 +455,7 @@ listeners:
 WILDCARD_CLIENTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "::1")
 
 
+@pytest.mark.usefixtures("io_mode")
 @pytest.mark.parametrize("interface", ['"*"', '"::"'], ids=["star", "dual"])
 def test_a_wildcard_listener_answers_from_the_address_each_client_used(interface: str) -> None:
     port = free_port_both()
@@ -466,6 +478,7 @@ listeners:
         assert all(i.stats.send_errors == 0 and balanced(i.stats) for i in items)
 
 
+@pytest.mark.usefixtures("io_mode")
 def test_without_packet_info_the_client_of_127_0_0_2_hears_nothing() -> None:
     """The control for the test above: the same socket answering the plain way."""
     port = free_port()
@@ -554,6 +567,7 @@ def test_the_error_queue_counts_each_icmp_error_once(family: int) -> None:
         assert read_error_queue(sock, 10) == 0
 
 
+@pytest.mark.usefixtures("io_mode")
 @pytest.mark.parametrize(
     ("interface", "family"),
     [("127.0.0.1", 4), ("0.0.0.0", 4), ("::1", 6), ("::", 6)],

@@ -21,6 +21,7 @@ from typing import Any
 
 from udpbindd.guard import Guard, Verdict
 from udpbindd.respond import Reply
+from udpbindd.sockets import ICMP_ERRNOS, read_error_queue, reply_source
 from udpbindd.stats import Stats
 
 # Datagrams moved by one recvmmsg (and answered by one sendmmsg).
@@ -35,8 +36,8 @@ NAME_SIZE = 128
 CONTROL_SIZE = 64
 # Each sendmmsg that returns short is retried from the next datagram; EINTR at most this often.
 _EINTR_RETRIES = 3
-_SOL_IP = 0
-_IP_PKTINFO = 8
+# Where a control message's data starts: after cmsg_len (size_t), cmsg_level and cmsg_type.
+_CMSG_DATA = ctypes.sizeof(ctypes.c_size_t) + 8
 _DONTWAIT = socket.MSG_DONTWAIT
 _AGAIN = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 
@@ -251,25 +252,28 @@ class Batch:
         Counts as ``Served.drain``: every datagram received; simulated drops (one
         ``random.random()`` draw per received datagram when ``drop_rate`` is set, so a seeded
         generator makes both paths drop the same ones); every reply sent, with its bytes; a
-        receive error (a pending error of an earlier send) and each reply the kernel refused
-        as send errors. A ``guard`` (access lists, rate limit, reflection) judges each
-        datagram before the simulated drop and each reply before it is sent, and its
-        refusals are counted under their reasons. With ``pktinfo`` (the socket has
-        IP_PKTINFO or IPV6_RECVPKTINFO on, and no other control messages), each reply leaves
-        from the address its request was sent to, as a wildcard socket must.
+        failed receive (a pending error of an earlier send) as the ICMP errors queued on the
+        socket, and at least one; each reply the kernel refused as a send error. A ``guard``
+        (access lists, rate limit, reflection) judges each datagram before the simulated drop
+        and each reply before it is sent, and its refusals are counted under their reasons.
+        With ``pktinfo`` (the socket has IP_PKTINFO or IPV6_RECVPKTINFO on, and no other
+        control messages), each reply leaves from the address its request was sent to, as
+        ``sockets.reply_source`` says.
         """
         fd = sock.fileno()
         count = 0
         while count < budget:
             want = min(budget - count, self.size)
             got = self._recvmmsg(fd, self._rmsg_ptr, want, _DONTWAIT, None)
-            if got < 0:
-                if ctypes.get_errno() in _AGAIN:
+            if got <= 0:
+                if got == 0 or ctypes.get_errno() in _AGAIN:
                     break
-                # A pending socket error (the asynchronous result of an earlier send) is
-                # reported once by the next receive; it counts against the budget too.
+                # A pending socket error (an ICMP error about an earlier reply) is reported
+                # once by the next receive; the error queue says how many there were and is
+                # emptied, or the socket would poll as ready for ever. It counts against the
+                # budget too.
                 count += 1
-                stats.send_errors += 1
+                stats.send_errors += max(1, read_error_queue(sock, DRAIN_BUDGET))
                 continue
             count += got
             answers, sent_bytes = self._answer(
@@ -281,13 +285,15 @@ class Batch:
                     stats.sent_packets += sent
                     stats.sent_bytes += sent_bytes
                 else:
-                    self._send_rest(fd, sent, answers, stats)
+                    self._send_rest(sock, sent, answers, stats)
             if self._moved:
                 self._smsg[:] = self._smsg_template
                 self._siov[:] = self._siov_template
                 self._moved = False
             if got < want:
                 break  # the queue is empty: spare the receive that would say so
+        if guard is not None:
+            stats.rate_limit_evictions += guard.take_evictions()
         return count
 
     def _answer(
@@ -357,42 +363,66 @@ class Batch:
         return answers, sent_bytes
 
     def _attach_control(self, j: int, i: int) -> None:
+        """Make reply ``j`` leave from the address request ``i`` was sent to (its packet info).
+
+        The received control message is rewritten in place into what ``reply_source`` gives
+        the plain path, so both paths answer from the same address; none when it says none.
+        """
         length = self._rcontrollen[i]
         if not length:
             return
         start = i * CONTROL_SIZE
         cmsg = self._controls_view[start : start + length]
+        cmsg_len = int.from_bytes(cmsg[0:_PTR], sys.byteorder)
         level = int.from_bytes(cmsg[_PTR : _PTR + 4], sys.byteorder)
         kind = int.from_bytes(cmsg[_PTR + 4 : _PTR + 8], sys.byteorder)
-        if level == _SOL_IP and kind == _IP_PKTINFO:
-            # Keep the source address but let routing pick the way out: the interface the
-            # request came in on is not always the one that reaches the peer.
-            data = _PTR + 8
-            cmsg[data : data + 4] = bytes(4)
+        source = reply_source([(level, kind, bytes(cmsg[_CMSG_DATA:cmsg_len]))])
+        if not source:
+            return
+        data = source[0][2]
+        cmsg[_CMSG_DATA : _CMSG_DATA + len(data)] = data
         self._scontrol[j] = self._control_addr[i]
         self._scontrollen[j] = length
         self._moved = True
 
-    def _send_rest(self, fd: int, result: int, answers: int, stats: Stats) -> None:
-        """After a short sendmmsg: count what went, the refused one, and send the rest.
+    def _send_rest(self, sock: socket.socket, result: int, answers: int, stats: Stats) -> None:
+        """After a short sendmmsg: count what went and what was refused; send the rest.
 
         sendmmsg stops at the first datagram the kernel refuses (ECONNREFUSED, ENOBUFS,
-        EAGAIN, EMSGSIZE, EPERM...) and returns how many went before it, or -1 if it was
-        the first; the plain path would have counted that one and gone on with the next.
+        EAGAIN, EMSGSIZE, EPERM...) and returns how many went before it, or -1 with the
+        reason if it was the first. The plain path counts that one and goes on with the
+        next, so here the rest is sent again from the refused one, which reports its reason.
+        As on the plain path, a refusal that is an ICMP error about an earlier reply counts
+        the queued ICMP errors instead and the reply is tried once more; a short count can
+        have swallowed such an error, so the error queue is read after one too.
         """
+        fd = sock.fileno()
         slen = self._slen
-        start = retries = 0
+        start = interrupted = 0
+        retried = -1  # the entry already tried again after an ICMP error
         while True:
-            if result < 0 and ctypes.get_errno() == errno.EINTR and retries < _EINTR_RETRIES:
-                retries += 1  # interrupted before anything went: not a refusal
+            if result > 0:
+                stats.sent_packets += result
+                stats.sent_bytes += sum(slen[start : start + result])
+                start += result
+                if start < answers and retried != start and _icmp_counted(sock, stats):
+                    retried = start
             else:
-                sent = max(result, 0)
-                stats.sent_packets += sent
-                stats.sent_bytes += sum(slen[start : start + sent])
-                start += sent
-                if start < answers:
+                code = ctypes.get_errno()
+                if code == errno.EINTR and interrupted < _EINTR_RETRIES:
+                    interrupted += 1  # interrupted before anything went: not a refusal
+                elif code in ICMP_ERRNOS and retried != start and _icmp_counted(sock, stats):
+                    retried = start
+                else:
                     stats.send_errors += 1
                     start += 1
             if start >= answers:
                 return
             result = self._sendmmsg(fd, self._smsg_ptr[start], answers - start, _DONTWAIT)
+
+
+def _icmp_counted(sock: socket.socket, stats: Stats) -> bool:
+    """Count the ICMP errors queued on ``sock`` as send errors; whether there were any."""
+    icmp = read_error_queue(sock, DRAIN_BUDGET)
+    stats.send_errors += icmp
+    return icmp > 0

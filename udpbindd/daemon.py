@@ -25,10 +25,10 @@ from dataclasses import InitVar, dataclass, field
 
 import structlog
 
-from udpbindd import states
+from udpbindd import batch, states
 from udpbindd.activation import Inherited, assign
 from udpbindd.clash import Clash
-from udpbindd.config import Config, ConfigError, Listener
+from udpbindd.config import Config, ConfigError, IOMode, Listener
 from udpbindd.expand import Absent, Binding
 from udpbindd.gcpause import collection_paused
 from udpbindd.guard import Guard, build_guard
@@ -60,6 +60,11 @@ log = structlog.get_logger("udpbindd")
 
 # Datagrams read from one socket per wake-up before the loop looks at the others.
 DRAIN_BUDGET = 64
+# With at least this many sockets ready at once, load is spread thin: each holds about one
+# datagram, so each gets one plain receive and reply per pass (no receive that finds the
+# queue empty, no batch set up for one datagram); the level-triggered selector brings back
+# any socket that holds more.
+SPREAD = 16
 # Larger than any UDP payload (65,507 over IPv4, 65,527 over IPv6), so nothing is truncated.
 BUFFER_SIZE = 65536
 # bind() errors that mean the address or device is absent: the socket waits, it has not failed.
@@ -91,6 +96,8 @@ class Served:
     # Answer from each request's destination address (a wildcard socket, see enable_pktinfo).
     pktinfo: bool = field(init=False, default=False)
     inode: int = field(init=False)  # identifies the socket in /proc and sock_diag
+    # The last wake-up found at most one datagram: take the next one the plain way, at once.
+    quiet: bool = field(init=False, default=True)
 
     def __post_init__(self, previous: Guard | None) -> None:
         self.guard = previous
@@ -238,6 +245,32 @@ class Served:
             stats.sent_bytes += sent
         if guard is not None:
             stats.rate_limit_evictions += guard.take_evictions()
+        return count
+
+    def drain_batched(self, fast: batch.Batch, buffer: bytearray, view: memoryview) -> int:
+        """``drain`` through ``fast`` (recvmmsg/sendmmsg); return how many receives were made.
+
+        A socket whose last wake-up found one datagram or none is likely answering one client
+        at a time: its first datagram is taken and answered the plain way (one recvfrom and
+        one sendto cost less than setting up a batch), and only then is the rest read in
+        batches, so a lone request waits for no batch. Under load it goes straight to
+        batches. Replies and counters are those of ``drain``.
+        """
+        first = 0
+        if self.quiet:
+            first = self.drain(buffer, view, 1)
+            if not first:
+                return 0
+        count = first + fast.drain(
+            self.sock,
+            self.reply,
+            self.stats,
+            self.drop_rate,
+            DRAIN_BUDGET - first,
+            guard=self.guard,
+            pktinfo=self.pktinfo,
+        )
+        self.quiet = count <= 1
         return count
 
     def _drain_pktinfo(self, view: memoryview, budget: int) -> int:
@@ -412,6 +445,9 @@ class Daemon:
         self._running = False
         self._buffer = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buffer)
+        self._batch: batch.Batch | None = None
+        self._batch_refused = False  # said once that recvmmsg/sendmmsg cannot be used
+        self._choose_io(config.io)
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self.stop,
             signal.SIGINT: self.stop,
@@ -443,6 +479,27 @@ class Daemon:
     def wake_fd(self) -> int:
         """The fd for ``signal.set_wakeup_fd``: each signal number arrives as one byte."""
         return self._wake_w.fileno()
+
+    @property
+    def io(self) -> IOMode:
+        """How the loop moves datagrams now (batched only where the platform allows)."""
+        return IOMode.PLAIN if self._batch is None else IOMode.BATCHED
+
+    def _choose_io(self, mode: IOMode) -> None:
+        """Move datagrams as ``mode`` asks: batched where recvmmsg/sendmmsg work, else plain."""
+        if mode is IOMode.PLAIN:
+            self._batch = None
+            return
+        if self._batch is not None:
+            return
+        if batch.available():
+            self._batch = batch.Batch()
+        elif not self._batch_refused:
+            self._batch_refused = True
+            log.warning(
+                "batched_io_unavailable",
+                detail="recvmmsg/sendmmsg cannot be used here; one recvfrom/sendto per datagram",
+            )
 
     def own_inodes(self) -> set[int]:
         """Inodes of the sockets udpbindd holds (serving or inherited): never foreign."""
@@ -858,6 +915,7 @@ class Daemon:
         if config.metrics != self.config.metrics:
             log.warning("metrics_listen_unchanged", detail="metrics.listen applies at restart")
         self.config = config
+        self._choose_io(config.io)
         self.failures = list(outcome.failures)
         self.waiting = list(outcome.waiting)
         self.reload_ok, self.reload_timestamp = True, time.time()
@@ -1176,9 +1234,9 @@ class Daemon:
             bound=len(self.served),
             waiting=len(self.waiting),
             failed=len(self.failures),
+            io=self.io.value,
         )
         select = self._selector.select
-        buffer, view = self._buffer, self._view
         timeout: float | None = None
         next_ping = 0.0
         start_failed = False
@@ -1199,16 +1257,7 @@ class Daemon:
                 elif self._timer is not None:
                     left = max(0.0, self._timer - time.monotonic())
                     timeout = left if timeout is None else min(timeout, left)
-                for key, _ in select(timeout):
-                    served = key.data
-                    if served is None:
-                        self._wakeup()
-                        # A reload may have closed sockets of this batch: select again.
-                        break
-                    if served is _WATCH:
-                        self._read_watch()
-                        continue
-                    served.drain(buffer, view)
+                self._serve(select(timeout))
                 if (
                     self._dirty
                     or not self._ready  # start-up: a reload may have let READY=1 go
@@ -1224,6 +1273,28 @@ class Daemon:
                 self.notifier.stopping()
             self.close()
             log.info("stopped")
+
+    def _serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """One pass over the sockets ``select`` found ready: drain each within its budget."""
+        buffer, view = self._buffer, self._view
+        # Read per pass: a reload can switch between batched and plain.
+        fast = self._batch
+        if len(ready) >= SPREAD:
+            fast, budget = None, 1
+        else:
+            budget = DRAIN_BUDGET
+        for key, _ in ready:
+            served = key.data
+            if served is None:
+                self._wakeup()
+                # A reload may have closed sockets of this pass: select again.
+                return
+            if served is _WATCH:
+                self._read_watch()
+            elif fast is None:
+                served.drain(buffer, view, budget)
+            else:
+                served.drain_batched(fast, buffer, view)
 
     def _wakeup(self) -> None:
         try:
