@@ -57,14 +57,20 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def _daemon_command(port: int, workdir: Path) -> list[str]:
-    config = workdir / f"udpbindd-{port}.yaml"
-    config.write_text(
-        "listeners:\n"
-        f"  - interface: {HOST}\n    port: {port}\n    responder: echo\n"
-        "metrics:\n  listen: []\nlogging:\n  level: warning\n  format: json\n"
-    )
-    return _python("-m", "udpbindd", "run", "-c", str(config))
+def _daemon(io: str) -> Callable[[int, Path], list[str]]:
+    """How to start the real daemon (``python -m udpbindd run``) with ``io: IO``."""
+
+    def command(port: int, workdir: Path) -> list[str]:
+        config = workdir / f"udpbindd-{io}-{port}.yaml"
+        config.write_text(
+            "listeners:\n"
+            f"  - interface: {HOST}\n    port: {port}\n    responder: echo\n"
+            f"io: {io}\n"
+            "metrics:\n  listen: []\nlogging:\n  level: warning\n  format: json\n"
+        )
+        return _python("-m", "udpbindd", "run", "-c", str(config))
+
+    return command
 
 
 def servers(build: Path) -> list[Server]:
@@ -74,13 +80,8 @@ def servers(build: Path) -> list[Server]:
             "C reference echo (recvmmsg/sendmmsg)",
             lambda port, _: [str(build / "echo_ref"), HOST, str(port)],
         ),
-        Server(
-            "batched",
-            "udpbindd batched path (bench loop: bench/udpbindd_batched.py)",
-            lambda port, _: _python(str(BENCH / "udpbindd_batched.py"), HOST, str(port)),
-            note="udpbindd.batch in the daemon's loop shape, not yet the daemon itself",
-        ),
-        Server("daemon", "udpbindd daemon, plain path (python -m udpbindd run)", _daemon_command),
+        Server("daemon", "udpbindd daemon, io: batched (the default)", _daemon("batched")),
+        Server("plain", "udpbindd daemon, io: plain", _daemon("plain")),
         Server(
             "uvloop",
             "uvloop echo (DatagramProtocol)",
@@ -474,13 +475,14 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def daemon_config(path: Path, base: int, count: int) -> None:
+def daemon_config(path: Path, base: int, count: int, io: str = "batched") -> None:
     lines = ["listeners:"]
     for port in range(base, base + count):
         lines.append(f"  - {{interface: {HOST}, port: {port}, responder: echo}}")
     # Logging at info, as in production: one listener_bound line per listener is part of
     # the start-up cost measured.
-    lines += ["metrics:", "  listen: []", "logging:", "  level: info", "  format: json"]
+    lines += [f"io: {io}", "metrics:", "  listen: []", "logging:", "  level: info"]
+    lines += ["  format: json"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -520,9 +522,10 @@ def run_many(build: Path, work: Path, args: argparse.Namespace) -> Many:
     count = args.listeners
     many = Many(count)
     base = free_range(count)
-    big, small = work / "many.yaml", work / "one.yaml"
+    big, small, plain = work / "many.yaml", work / "one.yaml", work / "many-plain.yaml"
     daemon_config(big, base, count)
     daemon_config(small, base, 1)
+    daemon_config(plain, base, count, io="plain")
     for round_ in range(args.many_rounds):
         with start_daemon(small, work, f"one-{round_}", args) as (pid, took):
             many.base_ready_s.append(took)
@@ -531,13 +534,8 @@ def run_many(build: Path, work: Path, args: argparse.Namespace) -> Many:
             many.ready_s.append(took)
             many.rss_kib.append(rss_kib(pid))
             _spread(many, "daemon", build, base, count=count, args=args)
-        command = _python(
-            str(BENCH / "udpbindd_batched.py"), HOST, str(base), "--ports", str(count)
-        )
-        log = work / f"batched-many-{round_}.log"
-        with running(pinned(SERVER_CPU, command, args.pin), log) as proc:
-            wait_answering(base, proc)
-            _spread(many, "batched", build, base, count=count, args=args)
+        with start_daemon(plain, work, f"plain-{round_}", args):
+            _spread(many, "plain", build, base, count=count, args=args)
         print(
             f"  many listeners round {round_ + 1}/{args.many_rounds}: ready "
             f"{many.ready_s[-1]:.2f} s, rss {many.rss_kib[-1]} KiB",
@@ -569,10 +567,7 @@ def many_table(many: Many) -> list[str]:
         f"| process memory (VmRSS), {many.count} listeners vs 1 | {rss} KiB vs {base_rss} KiB |",
         f"| memory per listener beyond the 1-listener daemon | {per:.0f} B |",
     ]
-    labels = {
-        "daemon": "udpbindd daemon, plain path",
-        "batched": "udpbindd batched path (bench loop)",
-    }
+    labels = {"daemon": "udpbindd daemon, io: batched", "plain": "udpbindd daemon, io: plain"}
     for key, rates in many.rates.items():
         one, spread = statistics.median(rates["one"]), statistics.median(rates["spread"])
         share = spread / one if one else 0.0

@@ -17,8 +17,8 @@ from conftest import require
 REPO = Path(__file__).resolve().parent.parent
 ROWS = (
     "C reference echo",
-    "udpbindd batched path",
-    "udpbindd daemon, plain path",
+    "udpbindd daemon, io: batched",
+    "udpbindd daemon, io: plain",
     "uvloop echo",
     "asyncio echo",
     "sockperf server",
@@ -59,7 +59,7 @@ def test_smoke_run_prints_every_row() -> None:
     for figure in (
         "start to READY, 100 listeners",
         "memory per listener",
-        "udpbindd daemon, plain path: 64 B x64 over 100 ports",
-        "udpbindd batched path (bench loop): 64 B x64 over 100 ports",
+        "udpbindd daemon, io: batched: 64 B x64 over 100 ports",
+        "udpbindd daemon, io: plain: 64 B x64 over 100 ports",
     ):
         assert figure in out, figure

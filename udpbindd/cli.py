@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from udpbindd import __version__, activation, logs, privileges
+from udpbindd import __version__, activation, fdlimit, logs, privileges
 from udpbindd.config import (
     DEFAULT_PATH,
     Config,
@@ -177,6 +177,7 @@ def _run(path: Path | None, config: Config, user: str | None = None) -> int:
             print(f"udpbindd: {error}", file=sys.stderr)
             return EXIT_FAILURE
     notifier = Notifier()
+    limits = fdlimit.raise_soft_limit()
     # Adopt systemd's sockets first, so the host survey knows they are udpbindd's own.
     inherited, rejected = activation.inherited()
     for item in rejected:
@@ -197,7 +198,10 @@ def _run(path: Path | None, config: Config, user: str | None = None) -> int:
                 exclude_inodes=daemon.own_inodes(),
                 interfaces=daemon.watch(),
             )
-            refusal = _privileged_ports(preflight.expansion.bindings, inherited)
+            own = len(preflight.expansion.bindings) - len(inherited)
+            refusal = fdlimit.shortage(own, limits[0]) or _privileged_ports(
+                preflight.expansion.bindings, inherited
+            )
             if refusal:
                 print(f"udpbindd: {refusal}", file=sys.stderr)
                 notifier.status(f"failed: {refusal}"[:400])
