@@ -8,12 +8,15 @@ rate limiter with a plain token bucket.
 from __future__ import annotations
 
 import ipaddress
+import socket
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpbindd import config
+from udpbindd import batch, config
+from udpbindd.batch import _host_port
 from udpbindd.config import Listener, Literal, RateLimit, ReflectionPolicy, Responder
 from udpbindd.guard import (
     CACHE_SIZE,
@@ -654,3 +657,65 @@ def test_stats_count_each_reason() -> None:
         "reflection": 2,
     }
     assert {reason.value for reason in Verdict} <= set(stats.dropped())
+
+
+# ---------------------------------------------------------------------------------------------
+# the batched path judges peers by their raw socket address: the same verdicts
+
+
+def sockaddr(host: str, port: int) -> bytes:
+    """``host``:``port`` as the kernel writes a peer's sockaddr_in / sockaddr_in6."""
+    address = ipaddress.ip_address(host)
+    if address.version == 4:
+        family = socket.AF_INET.to_bytes(2, sys.byteorder)
+        return family + port.to_bytes(2, "big") + address.packed + bytes(8)
+    family = socket.AF_INET6.to_bytes(2, sys.byteorder)
+    return family + port.to_bytes(2, "big") + bytes(4) + address.packed + bytes(4)
+
+
+PEER_HOSTS = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
+    st.sampled_from(["127.0.0.1", "10.0.0.255", "0.0.0.0", "224.0.0.1", "::", "ff02::1"]),
+)
+PEERS = st.lists(
+    st.tuples(PEER_HOSTS, st.sampled_from([0, 7, 19, 53, 1060, 40000, 65535])),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(peers=PEERS, request=st.integers(0, 1500), reply=st.integers(0, 3000))
+def test_judging_by_raw_peer_name_gives_the_verdicts_of_judging_by_text(
+    peers: list[tuple[str, int]], request: int, reply: int
+) -> None:
+    policy = {
+        "allow": nets("0.0.0.0/1", "::/1", "::ffff:0:0/96"),
+        "deny": nets("10.0.0.0/8"),
+        "rate_limit": RateLimit(packets_per_second=1.0, burst=3),
+    }
+    by_text, by_name = guard_of(**policy), guard_of(**policy)
+    for now, (host, port) in enumerate(peers):
+        name = sockaddr(host, port)
+        address = ipaddress.ip_address(host)
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        text = socket.inet_ntop(family, address.packed)  # as recvfrom writes it
+        assert batch.unpack_peer(name)[:2] == (text, port)
+        verdict = by_text.check(text, port, now)
+        assert by_name.check_name(name, now, _host_port) == verdict
+        if verdict is None:
+            assert by_name.reply_ok_name(name, request, reply) == by_text.reply_ok(
+                text, request, reply
+            )
+
+
+def test_the_raw_name_cache_is_bounded_and_keeps_judging_alike() -> None:
+    by_text, by_name = guard_of(), guard_of()
+    for number in range(3 * CACHE_SIZE):
+        host = f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}"
+        port = 7 if number % 5 == 0 else 1024 + number % 60000
+        name = sockaddr(host, port)
+        assert by_name.check_name(name, number, _host_port) == by_text.check(host, port, number)
+    assert len(by_name._by_name) <= CACHE_SIZE

@@ -13,7 +13,7 @@ import ipaddress
 import socket
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from udpbindd.config import Listener, Network, RateLimit, Responder
 
@@ -57,7 +57,12 @@ class Verdict(enum.StrEnum):
 # keys are never negative, and an int compare is far cheaper than isinstance() on an enum.
 _DENIED = -1
 _NOT_A_CLIENT_CODE = -2
-_REFUSED_BY_CODE = {_DENIED: Verdict.DENIED, _NOT_A_CLIENT_CODE: Verdict.REFLECTION}
+_REFLECTED_PORT_CODE = -3  # only in the cache by raw peer name, which holds the port too
+_REFUSED_BY_CODE = {
+    _DENIED: Verdict.DENIED,
+    _NOT_A_CLIENT_CODE: Verdict.REFLECTION,
+    _REFLECTED_PORT_CODE: Verdict.REFLECTION,
+}
 
 
 def source_value(host: str) -> int:
@@ -274,10 +279,12 @@ class Guard:
     """
 
     __slots__ = (
+        "_by_name",
         "_cache",
         "_factor",
         "_ports",
         "_reported",
+        "_wire_v4",
         "access",
         "checks_replies",
         "limiter",
@@ -301,6 +308,10 @@ class Guard:
         # Host text -> a negative refusal code, or its bucket key (its value when there is no
         # limiter). An address never changes its verdict while this guard lives.
         self._cache: dict[str, int] = {}
+        # The same verdicts by raw peer name (a sockaddr as the batched path receives it:
+        # address and port), and whether that peer is IPv4 on the wire, as "." in its text.
+        self._by_name: dict[bytes, int] = {}
+        self._wire_v4: dict[bytes, bool] = {}
         # A kept limiter's earlier evictions were reported by the guard that had it before.
         self._reported = 0 if limiter is None else limiter.evictions
 
@@ -319,6 +330,49 @@ class Guard:
         if limiter is not None and not limiter.allow(entry, now):
             return Verdict.RATE_LIMITED
         return None
+
+    def check_name(
+        self, name: bytes, now: int, decode: Callable[[bytes], tuple[str, int]]
+    ) -> Verdict | None:
+        """``check`` for a peer given as its raw socket address ``name`` (the batched path).
+
+        ``decode`` turns ``name`` into (host, port) as recvfrom would give them; it is called
+        only the first time a name is seen, so a known peer costs one dict lookup, as a known
+        host does in ``check``. The verdicts are those of ``check``.
+        """
+        entry = self._by_name.get(name)
+        if entry is None:
+            entry = self._learn_name(name, decode)
+        if entry < 0:
+            return _REFUSED_BY_CODE[entry]
+        limiter = self.limiter
+        if limiter is not None and not limiter.allow(entry, now):
+            return Verdict.RATE_LIMITED
+        return None
+
+    def _learn_name(self, name: bytes, decode: Callable[[bytes], tuple[str, int]]) -> int:
+        host, port = decode(name)
+        entry = self._cache.get(host)
+        if entry is None:
+            entry = self._classify(host)
+        if entry >= 0 and port in self._ports:
+            entry = _REFLECTED_PORT_CODE
+        by_name, wire_v4 = self._by_name, self._wire_v4
+        if len(by_name) >= CACHE_SIZE:
+            by_name.clear()
+            wire_v4.clear()
+        by_name[name] = entry
+        wire_v4[name] = "." in host
+        return entry
+
+    def reply_ok_name(self, name: bytes, request_len: int, reply_len: int) -> bool:
+        """``reply_ok`` for a peer ``check_name`` has just judged (and so remembers)."""
+        factor = self._factor
+        if not factor:
+            return True
+        if self._wire_v4.get(name, False):
+            return reply_len + IPV4_OVERHEAD <= factor * (request_len + IPV4_OVERHEAD)
+        return reply_len + IPV6_OVERHEAD <= factor * (request_len + IPV6_OVERHEAD)
 
     def _classify(self, host: str) -> int:
         try:
