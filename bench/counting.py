@@ -1,14 +1,16 @@
 """What counting every datagram for metrics costs the echo loop (docs/benchmarks.md).
 
 Two udpbindd serving loops run side by side on loopback, each in its own process: one with
-the production ``Served`` (counters on), one with ``UncountedServed``, a benchmark-only
-subclass whose drain is the production drain with each counter increment replaced by ``pass``.
+the production ``Served`` and ``Batch`` (counters on), one with ``UncountedServed`` and
+``UncountedBatch``, benchmark-only subclasses whose drains are the production ones with each
+counter increment replaced by ``pass``. Both paths are measured (``io: batched``, the default,
+and ``io: plain``), each against its own uncounted twin.
 This script, as the client, floods one loop at a time with echo requests, faster than it can
 answer, and counts its replies: the echo throughput of a saturated loop. The rounds alternate
 which variant goes first, so drift hits both alike. It reports the median throughput of each
 variant, the loop's CPU time per datagram, and their ratios.
 
-Usage: python bench/counting.py [--rounds N] [--burst DATAGRAMS] [--size BYTES]
+Usage: python bench/counting.py [--rounds N] [--burst DATAGRAMS] [--size BYTES] [--io MODE]
        python bench/counting.py --smoke      (a few seconds; checks that it runs, not speed)
 """
 
@@ -30,8 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from udpbindd import batch as batch_module
 from udpbindd import daemon as daemon_module
-from udpbindd.config import LogFormat, LogLevel, parse_text
+from udpbindd.config import IOMode, LogFormat, LogLevel, parse_text
 from udpbindd.daemon import Daemon, Served
 from udpbindd.logs import configure
 from udpbindd.survey import survey
@@ -49,49 +52,59 @@ IDLE_POLL = 0.005  # seconds between two looks at the loop's CPU time
 _COUNTING = re.compile(r"^(\s*)stats\.\w+\s*\+=.*$")
 
 
-def _uncounted_drain() -> object:
-    """``Served.drain`` as it is in udpbindd/daemon.py, every counter increment made ``pass``.
+def _uncounted(function: object, module: object, expected: int) -> object:
+    """``function`` as it is in udpbindd, every counter increment made ``pass``.
 
     Derived from the production source at run time, so the "off" variant can never drift
     from the code it is compared with: the only difference is the counting.
     """
-    source = textwrap.dedent(inspect.getsource(Served.drain))
+    source = textwrap.dedent(inspect.getsource(function))  # type: ignore[arg-type]
     lines, removed = [], 0
     for line in source.splitlines():
         match = _COUNTING.match(line)
         # "pass" in place of the line, not nothing: a block of only counting stays a block.
         lines.append(f"{match.group(1)}pass" if match else line)
         removed += match is not None
-    if removed < 4:
-        raise RuntimeError(f"found {removed} counter increments in Served.drain, expected >= 4")
+    name = function.__qualname__  # type: ignore[attr-defined]
+    if removed < expected:
+        raise RuntimeError(f"found {removed} counter increments in {name}, expected >= {expected}")
     namespace: dict[str, object] = {}
-    code = compile("\n".join(lines), f"<uncounted {inspect.getsourcefile(Served)}>", "exec")
+    code = compile("\n".join(lines), f"<uncounted {inspect.getsourcefile(module)}>", "exec")  # type: ignore[arg-type]
     # The production module's globals: the same names (random, DRAIN_BUDGET...) resolve alike.
-    exec(code, dict(vars(daemon_module)), namespace)  # noqa: S102 - our own source, transformed
-    return namespace["drain"]
+    exec(code, dict(vars(module)), namespace)  # noqa: S102 - our own source, transformed
+    return namespace[function.__name__]  # type: ignore[attr-defined]
 
 
 class UncountedServed(Served):
-    """Benchmark only: a binding whose drain counts nothing."""
+    """Benchmark only: a binding whose plain drain counts nothing."""
 
     __slots__ = ()
-    drain = _uncounted_drain()  # type: ignore[assignment]
+    drain = _uncounted(Served.drain, daemon_module, 4)  # type: ignore[assignment]
+
+
+class UncountedBatch(batch_module.Batch):
+    """Benchmark only: the batched path, counting nothing."""
+
+    drain = _uncounted(batch_module.Batch.drain, batch_module, 2)  # type: ignore[assignment]
+    _answer = _uncounted(batch_module.Batch._answer, batch_module, 3)  # type: ignore[assignment]
 
 
 # -- server side (a child process per variant) ---------------------------------------------------
 
 
-def serve(variant: str, port: int, cpu: int | None) -> int:
+def serve(variant: str, port: int, cpu: int | None, io: IOMode) -> int:
     """Run udpbindd's loop with one echo listener on 127.0.0.1:``port`` until SIGTERM."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     if variant == "uncounted":
-        # Only in this child process: Daemon builds its bindings from this name.
+        # Only in this child process: Daemon builds its bindings and its batch from these.
         daemon_module.Served = UncountedServed  # type: ignore[misc]
+        batch_module.Batch = UncountedBatch  # type: ignore[misc]
     configure(LogLevel.WARNING, LogFormat.JSON)
     config = parse_text(
         f"listeners:\n  - {{name: bench, interface: 127.0.0.1, port: {port}, responder: echo,"
         f" recv_buffer: {RECV_BUFFER}}}\n"
+        f"io: {io}\n"
         "metrics:\n  listen: []\n",
         "<bench>",
     )
@@ -105,7 +118,9 @@ def serve(variant: str, port: int, cpu: int | None) -> int:
         expected = "UncountedServed" if variant == "uncounted" else "Served"
         if kind != expected:
             raise RuntimeError(f"the {variant} server runs {kind}")
-        print(f"ready {kind}", flush=True)
+        if loop.io is not io:
+            raise RuntimeError(f"the {variant} server moves datagrams {loop.io}, not {io}")
+        print(f"ready {kind} {loop.io}", flush=True)
         loop.run()
     finally:
         loop.shutdown()
@@ -167,9 +182,9 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(variant: str, pin: bool) -> Server:
+def start_server(variant: str, pin: bool, io: IOMode) -> Server:
     port = free_udp_port()
-    command = [sys.executable, __file__, "--serve", variant, "--port", str(port)]
+    command = [sys.executable, __file__, "--serve", variant, "--port", str(port), "--io", io]
     if pin:
         command += ["--cpu", str(SERVER_CPU)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -252,7 +267,7 @@ def measure(server: Server, count: int, size: int) -> Burst:
     return Burst(count - 1, (stamps[-1] - stamps[0]) / 1e9, cpu1 - cpu0)
 
 
-def run(rounds: int, count: int, size: int) -> int:
+def run(rounds: int, count: int, size: int, io: IOMode) -> int:
     pin = (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
     if pin:
         os.sched_setaffinity(0, {CLIENT_CPU})
@@ -261,7 +276,7 @@ def run(rounds: int, count: int, size: int) -> int:
         print(f"note: queues here hold about {capacity} datagrams; burst lowered from {count}")
         count = capacity
     print(
-        f"counting overhead: {rounds} rounds of a {count}-datagram burst per variant, "
+        f"counting overhead, io: {io}: {rounds} rounds of a {count}-datagram burst per variant, "
         f"{size}-byte echo on 127.0.0.1, "
         + (f"client on CPU {CLIENT_CPU}, servers on CPU {SERVER_CPU}" if pin else "unpinned")
     )
@@ -270,7 +285,7 @@ def run(rounds: int, count: int, size: int) -> int:
     started = time.monotonic()
     try:
         for variant in ("counted", "uncounted"):
-            servers.append(start_server(variant, pin))
+            servers.append(start_server(variant, pin, io))
         for server in servers:  # warm-up: caches, branch predictors, socket buffers
             measure(server, count, size)
         for index in range(rounds):
@@ -322,19 +337,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=20000, help="datagrams per burst")
     parser.add_argument("--size", type=int, default=64, help="payload bytes (1..1472)")
     parser.add_argument("--smoke", action="store_true", help="2 small rounds: it runs, no more")
+    parser.add_argument(
+        "--io", choices=[*IOMode, "both"], default="both", help="the path measured (default both)"
+    )
     parser.add_argument("--serve", choices=("counted", "uncounted"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return serve(args.serve, args.port, args.cpu)
+        return serve(args.serve, args.port, args.cpu, IOMode(args.io))
     if args.smoke:
         args.rounds, args.burst = 2, 2000
     if not 1 <= args.rounds <= 100 or not 2 <= args.burst <= 100_000:
         parser.error("rounds must be 1..100 and burst 2..100000")
     if not 1 <= args.size <= 1472:
         parser.error("size must be 1..1472 (one loopback datagram, small enough to queue)")
-    return run(args.rounds, args.burst, args.size)
+    modes = list(IOMode) if args.io == "both" else [IOMode(args.io)]
+    for mode in modes:
+        run(args.rounds, args.burst, args.size, mode)
+    return 0
 
 
 if __name__ == "__main__":
