@@ -719,3 +719,18 @@ def test_the_raw_name_cache_is_bounded_and_keeps_judging_alike() -> None:
         name = sockaddr(host, port)
         assert by_name.check_name(name, number, _host_port) == by_text.check(host, port, number)
     assert len(by_name._by_name) <= CACHE_SIZE
+
+
+def test_listeners_with_the_same_stateless_policy_share_one_guard() -> None:
+    one, two = listener(), listener()
+    assert build_guard(one) is build_guard(two)
+    denying = listener(deny=nets("10.0.0.0/8"))
+    assert build_guard(denying) is not build_guard(one)
+    assert build_guard(denying) is build_guard(listener(deny=nets("10.0.0.0/8")))
+    assert build_guard(listener(Responder.ECHO)) is not build_guard(one)
+    broadcast = frozenset({ipaddress.IPv4Address("10.1.255.255")})
+    assert build_guard(one, broadcast) is not build_guard(one)
+    assert build_guard(one, broadcast) is build_guard(two, set(broadcast))
+    # A rate limit is state of its own: never shared.
+    limited = {"rate_limit": RateLimit(packets_per_second=5.0, burst=5)}
+    assert build_guard(listener(**limited)) is not build_guard(listener(**limited))

@@ -11,11 +11,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
+import weakref
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from udpbindd.config import Listener, Network, RateLimit, Responder
+from udpbindd.config import Listener, Network, RateLimit, ReflectionPolicy, Responder
 
 # Every source is one int on one number line: an IPv4 address is its 32-bit value, and so is a
 # v4-mapped IPv6 address (a dual-stack socket's IPv4 clients are IPv4 on the wire); any other
@@ -279,6 +280,7 @@ class Guard:
     """
 
     __slots__ = (
+        "__weakref__",
         "_by_name",
         "_cache",
         "_factor",
@@ -430,24 +432,45 @@ def build_guard(
     255.255.255.255. ``previous`` is the guard the listener had before a reload: its rate
     limiter, and so every source's bucket, is kept when the limit did not change.
     """
+    limit = listener.rate_limit
+    broadcast = frozenset(broadcast)
+    policy = listener.reflection_guard
+    key: _PolicyKey | None = None
+    if limit is None:
+        # Without a rate limit a guard holds no state of its own (its caches follow from the
+        # policy alone), so listeners with the same policy share one: thousands of listeners
+        # written alike cost one guard, not thousands.
+        key = (listener.allow, listener.deny, policy, listener.responder, broadcast)
+        shared = _SHARED.get(key)
+        if shared is not None:
+            return shared
     access = None
     if listener.allow or listener.deny:
         access = AccessList(listener.allow, listener.deny)
     limiter = None
-    limit = listener.rate_limit
     if limit is not None:
         kept = previous.limiter if previous is not None else None
         limiter = (
             kept if kept is not None and kept.matches(limit) else RateLimiter.from_config(limit)
         )
     reflection = None
-    policy = listener.reflection_guard
     # A discard listener sends nothing, so it has nothing to reflect.
     if policy.enabled and listener.responder is not Responder.DISCARD:
         reflection = ReflectionGuard(policy.ports, policy.max_amplification, broadcast)
     if access is None and limiter is None and reflection is None:
         return None
     # An echo reply is the request itself: never larger, whatever the factor (at least 1.0).
-    return Guard(
+    guard = Guard(
         access, limiter, reflection, checks_replies=listener.responder is not Responder.ECHO
     )
+    if key is not None:
+        _SHARED[key] = guard
+    return guard
+
+
+# Allow list, deny list, reflection policy, responder, the host's broadcasts.
+_PolicyKey = tuple[
+    tuple[Network, ...], tuple[Network, ...], ReflectionPolicy, Responder, frozenset[object]
+]
+# Guards without a rate limit, by policy; one lives as long as a listener uses it.
+_SHARED: weakref.WeakValueDictionary[_PolicyKey, Guard] = weakref.WeakValueDictionary()
