@@ -80,6 +80,11 @@ def servers(build: Path) -> list[Server]:
             "C reference echo (recvmmsg/sendmmsg)",
             lambda port, _: [str(build / "echo_ref"), HOST, str(port)],
         ),
+        Server(
+            "c_spin",
+            "C echo, busy-polling (never sleeps: the kernel's cost alone)",
+            lambda port, _: [str(build / "echo_ref"), HOST, str(port), "--spin"],
+        ),
         Server("daemon", "udpbindd daemon, io: batched (the default)", _daemon("batched")),
         Server("plain", "udpbindd daemon, io: plain", _daemon("plain")),
         Server(
@@ -355,6 +360,41 @@ class Results:
         return sum(r["lost"] for r in self.runs.get(server, {}).get(scenario.key, []))
 
 
+# Seconds the keep-awake spinner may run at most: it stops by itself even if never stopped.
+AWAKE_LIMIT = 600.0
+
+
+@contextlib.contextmanager
+def kept_awake(cpu: str, enabled: bool, work: Path) -> Iterator[None]:
+    """Keep ``cpu`` from halting while the servers run on it, with a SCHED_IDLE busy loop.
+
+    On a virtual machine, waking a halted virtual CPU costs the hypervisor tens of
+    microseconds, and a server that sleeps whenever its queue runs dry pays that again and
+    again: the faster the server, the more often it sleeps, and the more it loses. A
+    SCHED_IDLE task only ever gets time nobody else wants, and any waking server preempts it
+    at once, so with it every server is measured as on a CPU that never halts (as with the
+    kernel's idle=poll). The server CPU time figures are not touched: they count the server's
+    own time only.
+    """
+    if not enabled:
+        yield
+        return
+    loop = (
+        "import os, time\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        f"end = time.monotonic() + {AWAKE_LIMIT}\n"
+        "while time.monotonic() < end: pass\n"
+    )
+    command = pinned(cpu, [sys.executable, "-c", loop], True)
+    with (work / "awake.log").open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait(STOP_DEADLINE)
+
+
 def run_peers(
     contenders: list[Server], build: Path, work: Path, args: argparse.Namespace
 ) -> Results:
@@ -595,6 +635,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listeners", type=int, help="listeners of the many-listener test")
     parser.add_argument("--json", type=Path, help="also write every raw result here")
     parser.add_argument("--no-install", action="store_true", help="never pip/apt-install peers")
+    parser.add_argument(
+        "--let-cpu-sleep",
+        dest="keep_awake",
+        action="store_false",
+        help="no SCHED_IDLE spinner on the server CPU (servers then pay the wake-up of an "
+        "idle CPU, which on a virtual machine dominates)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         defaults = {
@@ -625,6 +672,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.pin = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    args.keep_awake = args.keep_awake and args.pin
     return args
 
 
@@ -642,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
                 server.skipped = ensure_uvloop(install)
             elif server.key == "sockperf":
                 server.skipped = ensure_sockperf(install)
-        results = run_peers(contenders, work, work, args)
-        many = run_many(work, work, args)
+        with kept_awake(SERVER_CPU, args.keep_awake, work):
+            results = run_peers(contenders, work, work, args)
+            many = run_many(work, work, args)
     about["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     about["seconds"] = round(time.monotonic() - began, 1)
     report(about, contenders, results, many, args)
@@ -665,6 +714,8 @@ def report(
         if args.pin
         else "not pinned"
     )
+    if args.keep_awake:
+        pin += f", CPU {SERVER_CPU} kept from halting (SCHED_IDLE spinner)"
     print(
         f"Machine: {about['cpu']}, {about['cpus']} CPUs, Linux {about['kernel']}, "
         f"Python {about['python']}; {pin}; loopback IPv4.\n"

@@ -17,6 +17,7 @@ from conftest import require
 REPO = Path(__file__).resolve().parent.parent
 ROWS = (
     "C reference echo",
+    "C echo, busy-polling",
     "udpbindd daemon, io: batched",
     "udpbindd daemon, io: plain",
     "uvloop echo",
