@@ -13,11 +13,14 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
+from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from udpbindd import bindrule
-from udpbindd.bindrule import InvalidBind, PortTable, Sock
+from udpbindd.bindrule import InvalidBind, PortTable, Sock, quiet_slots, validate_name
 from udpbindd.names import SocketName
 
 PORT = 5000
@@ -360,6 +363,27 @@ def test_invalid_binds(key: str) -> None:
     assert outcomes("0.0.0.0", "[::]v6o", table=table) == [".", "."]
 
 
+@pytest.mark.parametrize(
+    ("key", "invalid"),
+    [
+        ("[::ffff:127.0.0.1]v6o", True),
+        ("[fe80::1]", True),
+        ("[ff02::1]", True),
+        ("[fe80::1]%vb0", False),
+        ("[fe80::1%vb0]", False),
+        ("[::ffff:127.0.0.1]", False),
+        ("127.0.0.1", False),
+    ],
+)
+def test_validate_name_needs_only_the_name(key: str, invalid: bool) -> None:
+    name = sock(key).name
+    if invalid:
+        with pytest.raises(InvalidBind):
+            validate_name(name)
+    else:
+        validate_name(name)
+
+
 @pytest.mark.parametrize("key", ["[ff02::1]%vb0", "[ff01::1]%lo", "[ff05::1:3]", "[fe80::1]%vb0"])
 def test_scoped_addresses_bind_with_a_device(key: str) -> None:
     assert outcomes(key, key) == [".", "X"]
@@ -471,3 +495,85 @@ def test_ten_thousand_addresses_on_one_port_is_linear(
     assert table.bind(Sock(SocketName(base + count // 2, PORT))) is not None
     assert calls <= 3
     assert table.bind(sock(wildcard.replace("+RA", ""))) is not None
+
+
+# ---------------------------------------------------------------- slots where nothing can clash
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (["127.0.0.1:1", "127.0.0.2:1", "[::1]:1", "[fd99::1]v6o:1"], {1}),
+        (["127.0.0.1:1", "127.0.0.1:5"], {1}),  # one slot of 4, but two ports
+        (["127.0.0.1:1", "127.0.0.2:2", "127.0.0.2:2"], {1}),  # the same socket name twice
+        (["127.0.0.1:1", "127.0.0.1%lo:1"], set()),  # another device does not tell them apart
+        (["127.0.0.1:1", "[::ffff:127.0.0.1]:1"], set()),  # the kernel keys both as IPv4
+        (["[fe80::1%vb0]:1", "[fe80::1]%vb1:1"], set()),  # a zone is not part of the address
+        (["0.0.0.0:1", "127.0.0.1:5"], set()),  # a wildcard anywhere in the slot
+        (["[::]v6o:1", "127.0.0.1:2"], {2}),
+        (["[::ffff:0.0.0.0]:3"], set()),
+    ],
+)
+def test_quiet_slots(keys: list[str], expected: set[int]) -> None:
+    names = []
+    for key in keys:
+        text, port = key.rsplit(":", 1)
+        names.append(sock(text, int(port)).name)
+    assert quiet_slots(names, hash_entries=4) == expected
+
+
+QUIET_ADDRESSES = ["127.0.0.1", "127.0.0.2", "0.0.0.0", "[::ffff:127.0.0.1]", "[::ffff:0.0.0.0]"]
+QUIET_ADDRESSES += ["[::1]", "[::]", "[fd99::1]", "[fe80::1%vb0]", "[fe80::1]"]
+
+
+@st.composite
+def slot_cases(draw: st.DrawFn) -> tuple[int, list[Sock]]:
+    """A small hash table and sockets on a few of its ports, so that slots are shared."""
+    hash_entries = draw(st.sampled_from([1, 2, 4]))
+    keys = st.tuples(
+        st.sampled_from(QUIET_ADDRESSES),
+        st.sampled_from(["", "v6o"]),
+        st.sampled_from(["", "+RA", "+RP", "+RA+RP"]),
+        st.sampled_from(["", "%vb0", "%vb1"]),
+        st.sampled_from(["", "@65534"]),
+        st.integers(1, 6),
+    )
+    made = []
+    for address, v6only, flags, device, uid, port in draw(st.lists(keys, max_size=24)):
+        v6o = v6only if address.startswith("[") else ""
+        made.append(sock(address + v6o + flags + device + uid, port))
+    return hash_entries, made
+
+
+def _results(socks: list[Sock], hash_entries: int) -> list[str]:
+    table = PortTable(hash_entries)
+    results = []
+    for s in socks:
+        try:
+            results.append("." if table.bind(s) is None else "X")
+        except InvalidBind:
+            results.append("EINVAL")
+    return results
+
+
+def test_quiet_slots_refuse_nothing_and_affect_nothing() -> None:
+    # What clash.check relies on to pass over quiet slots without a PortTable.
+    stats: Counter[str] = Counter()
+
+    @settings(max_examples=1500, deadline=None, derandomize=True, database=None)
+    @given(case=slot_cases())
+    def check(case: tuple[int, list[Sock]]) -> None:
+        hash_entries, socks = case
+        quiet = quiet_slots([s.name for s in socks], hash_entries)
+        in_quiet = [s.name.port % hash_entries in quiet for s in socks]
+        everything = _results(socks, hash_entries)
+        for results in (everything, _results(socks[::-1], hash_entries)[::-1]):
+            assert all(r != "X" for r, q in zip(results, in_quiet, strict=True) if q)
+        rest = _results([s for s, q in zip(socks, in_quiet, strict=True) if not q], hash_entries)
+        assert rest == [r for r, q in zip(everything, in_quiet, strict=True) if not q]
+        stats["quiet sockets"] += sum(in_quiet)
+        stats["refused beside a quiet slot"] += quiet != set() and "X" in everything
+
+    check()
+    assert stats["quiet sockets"] > 1000
+    assert stats["refused beside a quiet slot"] > 100

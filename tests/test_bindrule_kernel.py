@@ -22,7 +22,15 @@ from hypothesis import strategies as st
 from netns import Veth, Worker, WorkerError, namespace, require_netns
 from test_bindrule import sock
 
-from udpbindd.bindrule import InvalidBind, PortTable, Sock, accepts, relevant, validate
+from udpbindd.bindrule import (
+    InvalidBind,
+    PortTable,
+    Sock,
+    accepts,
+    quiet_slots,
+    relevant,
+    validate,
+)
 from udpbindd.names import SocketName
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -392,6 +400,63 @@ def test_model_matches_kernel_on_a_busy_slot(kernel: Kernel) -> None:
     check()
     print(f"\nmodel agreed with the kernel on every busy-slot case: {dict(stats)}")
     assert stats["cases the busy slot changed"] > 10
+
+
+# The specific addresses of ADDRESS_DEVICES, grouped by the address the kernel hashes them by:
+# a quiet slot has at most one of each group per port.
+SAME_KEY = (
+    ("127.0.0.1", "::ffff:127.0.0.1"),
+    ("127.0.0.2",),
+    ("10.199.0.1",),
+    ("::1",),
+    ("fd99::1",),
+    ("fe80::1%vb0", "fe80::1"),
+)
+
+
+@st.composite
+def quiet_cases(draw: st.DrawFn) -> list[Sock]:
+    """Sockets on two ports, each with its own specific address there, in any order."""
+    made = []
+    for offset in (0, 1):
+        groups = draw(st.lists(st.sampled_from(SAME_KEY), unique=True, max_size=len(SAME_KEY)))
+        for group in groups:
+            s = draw(socks(addresses=[draw(st.sampled_from(group))]))
+            made.append(dataclasses.replace(s, name=dataclasses.replace(s.name, port=offset)))
+    return draw(st.permutations(made))
+
+
+def test_quiet_slots_bind_everything_on_the_kernel(kernel: Kernel) -> None:
+    """What quiet_slots promises (and clash.check relies on): no EADDRINUSE in such a slot,
+    whatever the order, options, owners, devices, and fillers making the slot busy."""
+    sharing = LAST_PORT + kernel.hash_entries <= 65535
+    stats: Counter[str] = Counter()
+
+    @settings(
+        max_examples=EXAMPLES // 4,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(case=quiet_cases(), count=st.sampled_from(FILLER_COUNTS if sharing else (0,)))
+    def check(case: list[Sock], count: int) -> None:
+        base = kernel.fresh_port()
+        fillers = [
+            Sock(SocketName(ipaddress.ip_address(f"127.0.1.{n + 1}"), base + kernel.hash_entries))
+            for n in range(count)
+        ]
+        events = fillers + [at_port(s, base) for s in case]
+        slots = {e.name.port % kernel.hash_entries for e in events}
+        assert quiet_slots([e.name for e in events], kernel.hash_entries) == slots
+        actual = kernel.bind(events)
+        assert "EADDRINUSE" not in actual, f"{[key(e) for e in events]}: kernel {actual}"
+        assert actual == predict(events, PortTable(kernel.hash_entries))
+        stats.update(actual[count:])
+
+    check()
+    print(f"\nkernel bound every socket of every quiet slot: {dict(stats)}")
+    assert stats["ok"] > 1000
 
 
 DOCUMENTED = [

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from udpbindd import clash as clash_module
+from udpbindd.bindrule import InvalidBind, quiet_slots
 from udpbindd.clash import Clash, Overlap, check
 from udpbindd.config import parse_text
 from udpbindd.expand import Binding, expand_all
@@ -231,3 +237,80 @@ def test_ten_thousand_listeners_on_one_port() -> None:
     found = check(bindings(lines + "  - {name: wild, interface: 0.0.0.0, port: 53}\n"))
     assert [c.binding.listener.name for c in found] == ["wild"]
     assert str(found[0].other_name) == "127.39.249.1:53"  # the newest socket decides
+
+
+def test_ten_thousand_ports_and_an_invalid_binding_in_a_quiet_slot() -> None:
+    lines = "".join(f"  - {{interface: 127.0.0.1, port: {1024 + i}}}\n" for i in range(10_000))
+    found = bindings(lines)
+    assert check(found) == []
+    # A slot where nothing can clash is still validated, in order: the first invalid one raises.
+    listener = found[0].listener
+    unzoned = SocketName(ipaddress.ip_address("fe80::1"), 1, "", v6only=True)
+    mapped = SocketName(ipaddress.ip_address("::ffff:127.0.0.1"), 2, "", v6only=True)
+    invalid = [Binding(listener, unzoned), Binding(listener, mapped)]
+    with pytest.raises(InvalidBind, match="link-scoped"):
+        check([*found, *invalid])
+    with pytest.raises(InvalidBind, match="v4-mapped"):
+        check([*found, *invalid[::-1]])
+
+
+NAMES = ["127.0.0.1", "127.0.0.2", "0.0.0.0", "::1", "::", "::ffff:127.0.0.1", "fe80::1%eth0"]
+
+
+@st.composite
+def names(draw: st.DrawFn) -> SocketName:
+    address = ipaddress.ip_address(draw(st.sampled_from(NAMES)))
+    v6only = address.version == 6 and address.ipv4_mapped is None and draw(st.booleans())
+    device = draw(st.sampled_from(["", "", "lo", "eth0"]))
+    return SocketName(address, draw(st.integers(1, 6)), device, v6only)
+
+
+@st.composite
+def clash_cases(draw: st.DrawFn) -> tuple[list[Binding], list[HeldSocket], int]:
+    """Bindings and foreign sockets on a few ports of a small hash table, so slots are shared."""
+    [plain] = bindings("  - {name: p, interface: 127.0.0.1, port: 1}\n")
+    made = []
+    for index, name in enumerate(draw(st.lists(names(), max_size=16))):
+        reuse_port = draw(st.booleans())
+        listener = dataclasses.replace(plain.listener, name=f"l{index}", reuse_port=reuse_port)
+        made.append(Binding(listener, name))
+    foreign = [
+        HeldSocket(
+            name,
+            uid=draw(st.sampled_from([0, 7])),
+            inode=900 + index,
+            drops=0,
+            exact=draw(st.booleans()),
+        )
+        for index, name in enumerate(draw(st.lists(names(), max_size=4)))
+    ]
+    return made, foreign, draw(st.sampled_from([1, 2, 4, 16384]))
+
+
+def _verdict(made: list[Binding], foreign: list[HeldSocket], entries: int) -> list[Clash] | str:
+    try:
+        return check(made, foreign, hash_entries=entries)
+    except InvalidBind as error:
+        return str(error)
+
+
+def test_passing_over_quiet_slots_changes_no_verdict() -> None:
+    stats: Counter[str] = Counter()
+
+    @settings(max_examples=1500, deadline=None, derandomize=True, database=None)
+    @given(case=clash_cases())
+    def compare(case: tuple[list[Binding], list[HeldSocket], int]) -> None:
+        made, foreign, entries = case
+        fast = _verdict(made, foreign, entries)
+        with pytest.MonkeyPatch.context() as patch:
+            # Every slot through the PortTable, as if none were quiet.
+            patch.setattr(clash_module, "quiet_slots", lambda *_args: set())
+            full = _verdict(made, foreign, entries)
+        assert fast == full
+        stats["clashes"] += len(full) if isinstance(full, list) else 0
+        quiet = quiet_slots([b.name for b in made], entries)
+        stats["cases with a quiet slot"] += bool(quiet)
+
+    compare()
+    assert stats["clashes"] > 1000
+    assert stats["cases with a quiet slot"] > 300

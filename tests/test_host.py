@@ -126,6 +126,22 @@ def test_held_socket_from_proc() -> None:
     )
 
 
+def test_parse_proc_udp_skips_inodes() -> None:
+    text = PROC_UDP + PROC_UDP6  # header lines are skipped wherever they are
+    skipped = {7450, 9001, 7452}
+    rest = host.parse_proc_udp(text, byteorder="little", skip_inodes=skipped)
+    everything = host.parse_proc_udp(text, byteorder="little")
+    assert rest == [row for row in everything if row.inode not in skipped]
+    assert [row.inode for row in rest] == [811, 7449, 7451, 7453]
+
+
+def test_parse_proc_udp_skipping_still_rejects_malformed_rows() -> None:
+    with pytest.raises(ValueError, match="line 2"):
+        host.parse_proc_udp(
+            "  sl  local_address\n 1: 0100007F:0424 00000000:0000 07\n", skip_inodes={5}
+        )
+
+
 # ---------------------------------------------------------------- sock_diag → HeldSocket (pure)
 
 
@@ -453,6 +469,26 @@ def test_held_sockets_falls_back_to_proc(
         assert held.name == _as_proc_sees_it(name)
         assert not held.exact
         assert held.owner == host.Owner(os.getpid(), _comm())
+
+
+@pytest.mark.parametrize("source", ["sock_diag", "proc"])
+def test_excluded_inodes_are_left_out_as_if_filtered_afterwards(
+    bound: list[tuple[socket.socket, SocketName]], source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if source == "proc":
+
+        def unavailable(*_args: object, **_kwargs: object) -> list[netlink.Message]:
+            raise netlink.NetlinkError(errno.ENOENT, "no udp_diag")
+
+        monkeypatch.setattr(netlink, "dump", unavailable)
+    inodes = [os.fstat(sock.fileno()).st_ino for sock, _ in bound]
+    own = set(inodes[::2])  # every other one: both families are on each side
+    mine = set(inodes)
+    # Only this test's sockets: others on the host may come and go between the two reads.
+    excluded = [h for h in host.held_sockets(exclude_inodes=own) if h.inode in mine]
+    filtered = [h for h in host.held_sockets() if h.inode in mine - own]
+    assert excluded == filtered
+    assert {h.inode for h in excluded} == mine - own
 
 
 def test_drops_agree_with_proc() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -14,6 +15,7 @@ from udpbindd import netlink
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
+HEADER = netlink.Header(0, 0, 0, 0, 0)
 
 
 def nlmsg(msg_type: int, payload: bytes, *, flags: int = 0, seq: int = 1, pid: int = 0) -> bytes:
@@ -371,6 +373,31 @@ def test_dump_udp_sockets_finds_a_bound_socket() -> None:
     assert mine.uid == os.getuid()
 
 
+def test_dump_skips_the_given_inodes_on_real_sockets() -> None:
+    with (
+        socket.socket(AF_INET, socket.SOCK_DGRAM) as kept,
+        socket.socket(AF_INET, socket.SOCK_DGRAM) as skipped,
+    ):
+        kept.bind(("127.0.0.1", 0))
+        skipped.bind(("127.0.0.1", 0))
+        inodes = {os.fstat(s.fileno()).st_ino for s in (kept, skipped)}
+        skip = {os.fstat(skipped.fileno()).st_ino}
+        request = (netlink.NETLINK_SOCK_DIAG, netlink.SOCK_DIAG_BY_FAMILY)
+        everything = netlink.dump(*request, netlink.udp_diag_request(AF_INET))
+        rest = netlink.dump(*request, netlink.udp_diag_request(AF_INET), skip_inodes=skip)
+
+    def ours(messages: list[netlink.Message]) -> list[netlink.InetDiagMessage]:
+        # Headers carry each dump's own sequence number: compare without them.
+        return [
+            dataclasses.replace(m, header=HEADER)
+            for m in messages
+            if isinstance(m, netlink.InetDiagMessage) and m.inode in inodes
+        ]
+
+    assert len(ours(everything)) == 2
+    assert ours(rest) == [m for m in ours(everything) if m.inode not in skip]
+
+
 def test_dump_error_is_raised_with_errno() -> None:
     # sock_diag refuses families at or above AF_MAX with EINVAL.
     with pytest.raises(netlink.NetlinkError) as caught:
@@ -428,6 +455,51 @@ def test_receive_dump_raises_the_kernel_errno(datagram: bytes, code: str) -> Non
     with reader, writer, pytest.raises(netlink.NetlinkError) as caught:
         netlink.receive_dump(reader, netlink.NETLINK_ROUTE, 7)
     assert caught.value.errno == getattr(errno, code)
+
+
+def _diag_bytes(inode: int, *, seq: int = 7, flags: int = netlink.NLM_F_MULTI) -> bytes:
+    payload = diag_msg(AF_INET, 1060, "127.0.0.1", inode=inode)
+    payload += rta(netlink.INET_DIAG_SKMEMINFO, meminfo(0))
+    return nlmsg(netlink.SOCK_DIAG_BY_FAMILY, payload, flags=flags, seq=seq)
+
+
+def test_receive_dump_skips_inodes_before_decoding() -> None:
+    interrupted_flags = netlink.NLM_F_MULTI | netlink.NLM_F_DUMP_INTR
+    reader, writer = _feed(
+        _diag_bytes(1) + _diag_bytes(2) + _diag_bytes(3, flags=interrupted_flags),
+        # Not an inet family, though inode 2 is where an inet_diag_msg has it: kept.
+        nlmsg(netlink.SOCK_DIAG_BY_FAMILY, b"\x01" + bytes(67) + struct.pack("=I", 2), seq=7),
+        nlmsg(netlink.NLMSG_DONE, struct.pack("=i", 0), seq=7),
+    )
+    with reader, writer:
+        messages, interrupted = netlink.receive_dump(
+            reader, netlink.NETLINK_SOCK_DIAG, 7, skip_inodes={2, 3}
+        )
+    diag = [m for m in messages if isinstance(m, netlink.InetDiagMessage)]
+    assert [m.inode for m in diag] == [1]
+    assert diag[0].src == ipaddress.IPv4Address("127.0.0.1")
+    assert [type(m).__name__ for m in messages] == ["InetDiagMessage", "UnknownMessage"]
+    assert interrupted  # flagged on a message that was skipped
+
+
+def test_receive_dump_still_rejects_a_short_inet_diag_msg() -> None:
+    reader, writer = _feed(nlmsg(netlink.SOCK_DIAG_BY_FAMILY, b"\x02" + bytes(40), seq=7))
+    with reader, writer, pytest.raises(netlink.NetlinkParseError):
+        netlink.receive_dump(reader, netlink.NETLINK_SOCK_DIAG, 7, skip_inodes={0})
+
+
+def test_receive_dump_skips_nothing_of_other_protocols() -> None:
+    # Type 20 is RTM_NEWADDR on NETLINK_ROUTE: the inode offset means nothing there.
+    local = rta(netlink.IFA_LOCAL, bytes([10, 0, 0, 1]))
+    payload = ifaddrmsg(AF_INET, 8, 0, 0, 1) + local + rta(netlink.IFA_LABEL, b"x" * 70 + b"\0")
+    reader, writer = _feed(
+        nlmsg(netlink.RTM_NEWADDR, payload, seq=7) + nlmsg(netlink.NLMSG_DONE, bytes(4), seq=7)
+    )
+    with reader, writer:
+        messages, _ = netlink.receive_dump(
+            reader, netlink.NETLINK_ROUTE, 7, skip_inodes=set(range(1 << 16))
+        )
+    assert [type(m).__name__ for m in messages] == ["AddressMessage"]
 
 
 def test_receive_dump_is_bounded() -> None:

@@ -10,7 +10,14 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from udpbindd.bindrule import DEFAULT_HASH_ENTRIES, Kind, PortTable, Sock
+from udpbindd.bindrule import (
+    DEFAULT_HASH_ENTRIES,
+    Kind,
+    PortTable,
+    Sock,
+    quiet_slots,
+    validate_name,
+)
 from udpbindd.expand import Binding
 from udpbindd.host import HeldSocket
 from udpbindd.names import SocketName, address_text, label, v4_value
@@ -213,17 +220,28 @@ def check(
     A binding that clashes is not bound, as at run time, so it cannot cause further clashes.
     Two bindings with the same socket name are always reported, even where SO_REUSEPORT would
     let the kernel accept them: udpbindd serves each socket name once.
+
+    Hash slots where nothing can clash (``bindrule.quiet_slots``: typically thousands of
+    addresses on one port, or thousands of ports) are only validated, never modelled.
     """
     table = PortTable(hash_entries)
+    foreign = list(held)
+    quiet = quiet_slots([*(s.name for s in foreign), *(b.name for b in bindings)], hash_entries)
+    mask = hash_entries - 1  # PortTable checked that it is a power of two
     origin: dict[int, Binding | HeldSocket] = {}
     # Older sockets come first in the kernel's chains; inode numbers grow with age.
-    for socket in sorted(held, key=lambda h: h.inode):
+    for socket in sorted(foreign, key=lambda h: h.inode):
+        if socket.name.port & mask in quiet:
+            continue
         sock = _held_sock(socket)
         table.insert(sock)
         origin[id(sock)] = socket
     clashes: list[Clash] = []
     seen: dict[SocketName, Binding] = {}
     for binding in bindings:
+        if binding.name.port & mask in quiet:
+            validate_name(binding.name)
+            continue
         duplicate = seen.get(binding.name)
         if duplicate is not None:
             clashes.append(Clash(binding, duplicate, Overlap.SAME))

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -31,6 +31,7 @@ _COL_UID, _COL_INODE, _COL_DROPS = 7, 9, 12
 _PROC_COLUMNS = 13
 
 _SOCKET_LINK_PREFIX = "socket:["
+_NO_INODES: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +99,16 @@ class ProcRow:
 
 
 def parse_proc_udp(
-    text: str, *, byteorder: Literal["little", "big"] = sys.byteorder
+    text: str,
+    *,
+    byteorder: Literal["little", "big"] = sys.byteorder,
+    skip_inodes: Collection[int] = _NO_INODES,
 ) -> list[ProcRow]:
     """Parse the text of /proc/net/udp or /proc/net/udp6.
 
     The kernel prints each 32-bit word of an address as ``%08X`` of a host-order integer, so
     the bytes inside each word come out in ``byteorder`` (reversed on little-endian hosts).
+    Rows of the sockets in ``skip_inodes`` are left out after reading only their inode.
 
     Raises:
         ValueError: a row does not have the kernel's format.
@@ -112,6 +117,8 @@ def parse_proc_udp(
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields or fields[0] == "sl":
+            continue
+        if skip_inodes and _proc_inode(fields) in skip_inodes:
             continue
         try:
             rows.append(_proc_row(fields, byteorder))
@@ -139,6 +146,13 @@ def _proc_row(fields: list[str], byteorder: Literal["little", "big"]) -> ProcRow
         inode=int(fields[_COL_INODE]),
         drops=int(fields[_COL_DROPS]),
     )
+
+
+def _proc_inode(fields: list[str]) -> int | None:
+    """The inode column of a row, or None when the row is too short or it is not a number."""
+    if len(fields) < _PROC_COLUMNS or not fields[_COL_INODE].isdigit():
+        return None  # parsing the row reports it
+    return int(fields[_COL_INODE])
 
 
 def _proc_endpoint(text: str, byteorder: Literal["little", "big"]) -> tuple[IPAddress, int]:
@@ -185,7 +199,9 @@ def held_socket_from_diag(
     return HeldSocket(name, message.uid, message.inode, message.drops or 0, exact=True)
 
 
-def held_sockets(*, owners: bool = True) -> list[HeldSocket]:
+def held_sockets(
+    *, owners: bool = True, exclude_inodes: Collection[int] = _NO_INODES
+) -> list[HeldSocket]:
     """Every UDP socket bound to a port in this network namespace, sorted by socket name.
 
     sock_diag gives exact devices and V6ONLY; when it is unavailable (no udp_diag module, or
@@ -193,27 +209,31 @@ def held_sockets(*, owners: bool = True) -> list[HeldSocket]:
 
     Args:
         owners: also find the process holding each socket (a scan of /proc/*/fd).
+        exclude_inodes: sockets to leave out, e.g. the caller's own. They are dropped before
+            being decoded, which is most of the work when the caller holds thousands. Pass a
+            set: it is asked once per socket.
 
     Raises:
         OSError: neither sock_diag nor /proc/net/udp could be read.
     """
     try:
-        found = _diag_sockets()
+        found = _diag_sockets(exclude_inodes)
     except OSError:
-        found = _proc_sockets()
+        found = _proc_sockets(exclude_inodes)
     if owners:
         by_inode = find_owners(held.inode for held in found)
         found = [replace(held, owner=by_inode.get(held.inode)) for held in found]
     return sorted(found, key=lambda held: (held.name.sort_key(), held.inode))
 
 
-def _diag_sockets() -> list[HeldSocket]:
+def _diag_sockets(exclude_inodes: Collection[int]) -> list[HeldSocket]:
     messages: list[netlink.InetDiagMessage] = []
     for family in (socket.AF_INET, socket.AF_INET6):
         reply = netlink.dump(
             netlink.NETLINK_SOCK_DIAG,
             netlink.SOCK_DIAG_BY_FAMILY,
             netlink.udp_diag_request(family),
+            skip_inodes=exclude_inodes,
         )
         messages.extend(m for m in reply if isinstance(m, netlink.InetDiagMessage))
     devices = {index: _device_name(index) for index in {m.ifindex for m in messages} if index}
@@ -228,7 +248,7 @@ def _device_name(index: int) -> str:
         return f"ifindex{index}"
 
 
-def _proc_sockets() -> list[HeldSocket]:
+def _proc_sockets(exclude_inodes: Collection[int]) -> list[HeldSocket]:
     found: list[HeldSocket] = []
     for path in PROC_UDP:
         try:
@@ -236,7 +256,7 @@ def _proc_sockets() -> list[HeldSocket]:
                 text = file.read()
         except FileNotFoundError:
             continue  # no udp6 when IPv6 is disabled
-        for row in parse_proc_udp(text):
+        for row in parse_proc_udp(text, skip_inodes=exclude_inodes):
             held = held_socket_from_proc(row)
             if held is not None:
                 found.append(held)

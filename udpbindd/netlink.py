@@ -7,13 +7,14 @@ a dump, a multicast subscription in the daemon's loop and a test's crafted bytes
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import itertools
 import os
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 # Protocols (linux/netlink.h). The socket module does not export NETLINK_SOCK_DIAG.
@@ -99,6 +100,12 @@ _INET_DIAG_REQ_V2 = struct.Struct("=BBBBI48s")
 # uid and inode.
 _INET_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
 _U32 = struct.Struct("=I")
+_BE_U32 = struct.Struct("!I")
+# idiag_inode is the last field of inet_diag_msg: a dump can read it without decoding the rest.
+_INET_DIAG_INODE = _INET_DIAG_MSG.size - _U32.size
+_NO_INODES: frozenset[int] = frozenset()
+# The end of the drop counter within INET_DIAG_SKMEMINFO (an array of u32).
+_DROPS_END = (SK_MEMINFO_DROPS + 1) * _U32.size
 
 _sequence = itertools.count(1)
 
@@ -271,16 +278,20 @@ def parse_header(data: bytes, offset: int = 0) -> Header:
 
 def parse_attributes(data: bytes) -> tuple[Attribute, ...]:
     """Decode a list of rtattr/nlattr; trailing bytes shorter than a header are ignored."""
-    attributes: list[Attribute] = []
-    offset = 0
-    while len(data) - offset >= _RTATTR.size:
+    return tuple(
+        Attribute(kind, bytes(data[start:end])) for kind, start, end in _attribute_spans(data, 0)
+    )
+
+
+def _attribute_spans(data: bytes, offset: int) -> Iterator[tuple[int, int, int]]:
+    """Each attribute from ``offset`` on as (type, value start, value end), without copying."""
+    size = len(data)
+    while size - offset >= _RTATTR.size:
         length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size or offset + length > len(data):
+        if length < _RTATTR.size or offset + length > size:
             raise NetlinkParseError(f"bad attribute length {length} at offset {offset}")
-        value = bytes(data[offset + _RTATTR.size : offset + length])
-        attributes.append(Attribute(kind & NLA_TYPE_MASK, value))
+        yield kind & NLA_TYPE_MASK, offset + _RTATTR.size, offset + length
         offset += align(length)
-    return tuple(attributes)
 
 
 def parse_messages(data: bytes, protocol: int = NETLINK_ROUTE) -> Iterator[Message]:
@@ -293,14 +304,36 @@ def parse_messages(data: bytes, protocol: int = NETLINK_ROUTE) -> Iterator[Messa
     Raises:
         NetlinkParseError: a length field points outside the data or a payload is too short.
     """
+    for fields, offset in _frames(data):
+        yield _decode(Header(*fields), _payload(data, offset, fields[0]), protocol)
+
+
+def _frames(data: bytes) -> Iterator[tuple[tuple[int, int, int, int, int], int]]:
+    """Each message's nlmsghdr fields (not yet a Header) and offset, its length checked."""
     offset = 0
-    while len(data) - offset >= _NLMSGHDR.size:
-        header = parse_header(data, offset)
-        if header.length < _NLMSGHDR.size or offset + header.length > len(data):
-            raise NetlinkParseError(f"bad nlmsg_len {header.length} at offset {offset}")
-        payload = bytes(data[offset + _NLMSGHDR.size : offset + header.length])
-        yield _decode(header, payload, protocol)
-        offset += align(header.length)
+    size = len(data)
+    while size - offset >= _NLMSGHDR.size:
+        fields = _NLMSGHDR.unpack_from(data, offset)
+        length = fields[0]
+        if length < _NLMSGHDR.size or offset + length > size:
+            raise NetlinkParseError(f"bad nlmsg_len {length} at offset {offset}")
+        yield fields, offset
+        offset += align(length)
+
+
+def _payload(data: bytes, offset: int, length: int) -> bytes:
+    return bytes(data[offset + _NLMSGHDR.size : offset + length])
+
+
+def _diag_inode(data: bytes, offset: int, length: int) -> int | None:
+    """The socket inode of the inet_diag_msg at ``offset``, read in place; None if not one."""
+    start = offset + _NLMSGHDR.size
+    if length - _NLMSGHDR.size < _INET_DIAG_MSG.size:
+        return None  # too short: decoding it reports the error
+    if data[start] not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    inode: int = _U32.unpack_from(data, start + _INET_DIAG_INODE)[0]
+    return inode
 
 
 def _decode(header: Header, payload: bytes, protocol: int) -> Message:
@@ -334,9 +367,12 @@ def _text(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
+# Addresses repeat across a dump (every unconnected socket's peer is the wildcard, many sockets
+# share 127.0.0.1) and ipaddress objects are immutable, so recent ones are shared.
+@functools.lru_cache(maxsize=4096)
 def _ip(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if family == socket.AF_INET:
-        return ipaddress.IPv4Address(raw[:4])
+        return ipaddress.IPv4Address(_BE_U32.unpack_from(raw)[0])
     return ipaddress.IPv6Address(raw[:16])
 
 
@@ -409,13 +445,11 @@ def parse_inet_diag(header: Header, payload: bytes) -> InetDiagMessage:
     ) = _INET_DIAG_MSG.unpack_from(payload)
     v6only = None
     drops = None
-    for attribute in parse_attributes(payload[_INET_DIAG_MSG.size :]):
-        if attribute.type == INET_DIAG_SKV6ONLY and attribute.value:
-            v6only = attribute.value[0] != 0
-        elif attribute.type == INET_DIAG_SKMEMINFO:
-            end = (SK_MEMINFO_DROPS + 1) * _U32.size
-            if len(attribute.value) >= end:
-                drops = _U32.unpack_from(attribute.value, end - _U32.size)[0]
+    for kind, start, end in _attribute_spans(payload, _INET_DIAG_MSG.size):
+        if kind == INET_DIAG_SKV6ONLY and end > start:
+            v6only = payload[start] != 0
+        elif kind == INET_DIAG_SKMEMINFO and end - start >= _DROPS_END:
+            drops = _U32.unpack_from(payload, start + _DROPS_END - _U32.size)[0]
     return InetDiagMessage(
         header=header,
         family=family,
@@ -485,11 +519,13 @@ def dump(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = MAX_DUMP_BYTES,
+    skip_inodes: Collection[int] = _NO_INODES,
 ) -> list[Message]:
     """Send one dump request and return every message up to NLMSG_DONE.
 
     A dump the kernel marks as interrupted (the table changed under it) is retried, up to
-    DUMP_ATTEMPTS times.
+    DUMP_ATTEMPTS times. sock_diag messages of the sockets in ``skip_inodes`` are left out
+    (see ``receive_dump``).
 
     Raises:
         NetlinkError: the kernel answered with an error, or the dump kept being interrupted.
@@ -502,7 +538,7 @@ def dump(
         with open_socket(protocol) as sock:
             sock.sendto(request, (0, 0))
             messages, interrupted = receive_dump(
-                sock, protocol, seq, timeout=timeout, max_bytes=max_bytes
+                sock, protocol, seq, timeout=timeout, max_bytes=max_bytes, skip_inodes=skip_inodes
             )
         if not interrupted:
             return messages
@@ -516,11 +552,15 @@ def receive_dump(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = MAX_DUMP_BYTES,
+    skip_inodes: Collection[int] = _NO_INODES,
 ) -> tuple[list[Message], bool]:
     """Receive the answer to dump request ``seq`` on ``sock``, up to its NLMSG_DONE.
 
     Returns the messages and whether the kernel flagged the dump as interrupted
-    (NLM_F_DUMP_INTR). Messages of other requests are skipped.
+    (NLM_F_DUMP_INTR). Messages of other requests are skipped. So are the inet sock_diag
+    messages of sockets whose inode is in ``skip_inodes``: the inode is read in place and
+    nothing else of them is decoded, which matters when a process surveys 10,000 sockets of
+    its own. Their header still counts (an interrupted dump is still reported).
 
     Raises:
         NetlinkError: an NLMSG_ERROR or a failed NLMSG_DONE, or more than ``max_bytes``.
@@ -541,11 +581,20 @@ def receive_dump(
         received += len(data)
         if received > max_bytes:
             raise NetlinkError(errno.EMSGSIZE, f"netlink dump exceeded {max_bytes} bytes")
-        for message in parse_messages(data, protocol):
-            if message.header.seq != seq:
+        skipping = bool(skip_inodes) and protocol == NETLINK_SOCK_DIAG
+        for fields, offset in _frames(data):
+            length, msg_type, flags, message_seq, _ = fields
+            if message_seq != seq:
                 continue  # a late answer to an earlier request on a reused port id
-            if message.header.flags & NLM_F_DUMP_INTR:
+            if flags & NLM_F_DUMP_INTR:
                 interrupted = True
+            if (
+                skipping
+                and msg_type == SOCK_DIAG_BY_FAMILY
+                and _diag_inode(data, offset, length) in skip_inodes
+            ):
+                continue
+            message = _decode(Header(*fields), _payload(data, offset, length), protocol)
             if isinstance(message, ErrorMessage):
                 if message.error:
                     raise NetlinkError(message.error, os.strerror(message.error))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from udpbindd import host
@@ -64,7 +65,9 @@ def survey(
     absent = find_absent(expansion.bindings, interfaces, bindable)
     held: list[host.HeldSocket] = []
     if with_host:
-        held = [s for s in host.held_sockets(owners=False) if s.inode not in exclude_inodes]
+        # A set, because each socket of the host is looked up in it.
+        own = exclude_inodes if isinstance(exclude_inodes, AbstractSet) else set(exclude_inodes)
+        held = host.held_sockets(owners=False, exclude_inodes=own)
     order = expansion.bindings if not serving else _serving_first(expansion.bindings, serving)
     clashes = check(order, held, uid=os.geteuid(), hash_entries=host.udp_hash_entries())
     return Survey(expansion, tuple(_with_owners(clashes)), with_host, absent, interfaces)
