@@ -9,19 +9,23 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from udpbindd import config
+from udpbindd import config, yamlsrc
 from udpbindd.config import (
     Config,
     ConfigError,
     Endpoint,
     Family,
     InterfaceName,
-    Literal,
     IOMode,
+    Literal,
     LogFormat,
     LogLevel,
     Responder,
@@ -1572,3 +1576,303 @@ def test_example_documents_every_key_in_a_comment(key: str) -> None:
         line.strip() for line in EXAMPLE.read_text().splitlines() if line.lstrip().startswith("#")
     )
     assert re.search(rf"^#\s+{key}:\s+\S", comments, re.MULTILINE), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Without libyaml: the same problems, word for word
+
+
+@pytest.mark.parametrize(("name", "expected"), BAD_FILES)
+def test_bad_file_without_libyaml(
+    name: str, expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    monkeypatch.chdir(TESTDATA)
+    assert problems_of(Path(name)) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloads: reading again only the listener entries that changed gives what a full read gives
+
+SOURCE = "r.yaml"
+
+
+def outcome(text: str) -> Config | list[str]:
+    """What reading the whole text gives: the configuration, or every problem."""
+    try:
+        return parse_text(text, SOURCE)
+    except ConfigError as error:
+        return [str(problem) for problem in error.problems]
+
+
+def reloaded(text: str) -> Config | list[str]:
+    """What load() gives for the text, reusing what it read last time where it can."""
+    try:
+        return config._load_text(text, SOURCE)
+    except ConfigError as error:
+        return [str(problem) for problem in error.problems]
+
+
+def flow_entry(index: int, extra: str = "") -> str:
+    return f"  - {{name: l{index}, interface: 127.1.0.{index + 1}, port: 1060{extra}}}\n"
+
+
+def block_entry(index: int, extra: str = "") -> str:
+    lines = f"  - name: l{index}\n    interface: 127.1.0.{index + 1}\n    port: 1060\n"
+    return lines + (f"    {extra.lstrip(', ')}\n" if extra else "")
+
+
+def listeners_text(entries: list[str]) -> str:
+    return "user: nobody\nlisteners:\n" + "".join(entries) + "metrics: {listen: []}\n"
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No previous load to reuse, before or after the test."""
+    monkeypatch.setattr(config, "_last", None)
+
+
+@pytest.mark.usefixtures("fresh")
+@pytest.mark.parametrize("entry", [flow_entry, block_entry])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "responder",  # one listener changes
+        "insert",  # a listener is added in the middle (lines after it move)
+        "append",  # a listener is added at the end
+        "delete",  # the first listener goes
+        "comment",  # a comment inside an entry (lines after it move)
+        "same",  # nothing changes
+    ],
+)
+def test_a_reload_reads_only_what_changed(entry: Callable[..., str], change: str) -> None:
+    make = entry
+    entries = [make(index) for index in range(6)]
+    first = listeners_text(entries)
+    assert isinstance(reloaded(first), Config)
+    snapshot = config._last
+    assert snapshot is not None
+    edited = list(entries)
+    if change == "responder":
+        edited[3] = make(3, ", responder: echo")
+    elif change == "insert":
+        edited.insert(2, make(9))
+    elif change == "append":
+        edited.append(make(9))
+    elif change == "delete":
+        del edited[0]
+    elif change == "comment":
+        edited[1] += "    # why l1 is here\n"
+    text = listeners_text(edited)
+    reuse = config._reuse(snapshot, text)
+    assert reuse is not None
+    assert reuse.config == outcome(text)
+    # A listener before the change is the very object read last time.
+    if change != "delete":
+        assert reuse.config.listeners[0] is snapshot.config.listeners[0]
+
+
+@pytest.mark.usefixtures("fresh")
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        # Outside the listeners: the whole file is read again.
+        (
+            listeners_text([flow_entry(0)]),
+            listeners_text([flow_entry(0)]).replace("nobody", "root"),
+        ),
+        # A problem: the full read reports it, with every other problem.
+        (listeners_text([flow_entry(0)]), listeners_text([flow_entry(0, ", port: 2")])),
+        (listeners_text([flow_entry(0), flow_entry(1)]), listeners_text([flow_entry(0)] * 2)),
+        # An anchor and its alias, a tag, a merge key.
+        (
+            listeners_text([flow_entry(0)]),
+            listeners_text([flow_entry(0), "  - &a {interface: 127.0.0.9, port: 1}\n  - *a\n"]),
+        ),
+        (listeners_text([flow_entry(0)]), listeners_text([flow_entry(0), "  - !!map {port: 1}\n"])),
+        (listeners_text([flow_entry(0)]), listeners_text([flow_entry(0), "  - {<<: {port: 1}}\n"])),
+        # An entry left open runs into the next lines.
+        (listeners_text([flow_entry(0)]), listeners_text([flow_entry(0), "  - {name: x,\n"])),
+        (listeners_text([flow_entry(0)]), listeners_text(["  - {name: 'x\n", flow_entry(0)])),
+        # The listeners' indentation changes.
+        (listeners_text([flow_entry(0)]), listeners_text([" " + flow_entry(0)])),
+        # Other line breaks than "\n".
+        (listeners_text([flow_entry(0)]), listeners_text([flow_entry(0).replace("\n", "\r\n")])),
+        # No listeners left.
+        (listeners_text([flow_entry(0)]), listeners_text([])),
+    ],
+)
+def test_a_reload_reads_the_whole_file_when_it_must(before: str, after: str) -> None:
+    reloaded(before)
+    snapshot = config._last
+    assert snapshot is not None
+    assert config._reuse(snapshot, after) is None
+    assert reloaded(after) == outcome(after)
+
+
+@pytest.mark.usefixtures("fresh")
+@pytest.mark.parametrize(
+    "text",
+    [
+        "listeners: [{interface: 127.0.0.1, port: 1}]\n",  # a flow sequence
+        "listeners:\n  - &a {interface: 127.0.0.1, port: 1}\n",  # an anchor
+        "listeners:\n  - {interface: 127.0.0.1,\nport: 1}\n",  # an entry beyond its lines
+        "listeners:\n  - {interface: 127.0.0.1, port: 1}\r\n",
+    ],
+)
+def test_nothing_is_kept_for_a_file_a_reload_cannot_reuse(text: str) -> None:
+    assert isinstance(reloaded(text), Config)
+    assert config._last is None
+
+
+# Lines an edit may write (indented for a list at column 2; moved to the file's column):
+# entries of every shape, and lines that break entries apart or join them, so that every
+# path of the reuse and of its fallback is taken.
+EDIT_LINES = [
+    "  - {name: a, interface: 127.0.0.1, port: 1}",
+    "  - {interface: 127.0.0.2, port: 2, responder: echo}",
+    "  - {interface: '*', port: 3, family: ipv4}",
+    "  - {name: l1, interface: 127.0.0.3, port: 3}",
+    "  - name: b\n    interface: 127.0.0.3\n    port: 4",
+    "  -\n    interface: 127.0.0.4\n    port: 4",
+    "  - {name: c,\n    interface: 127.0.0.5, port: 5}",
+    "  - {name: d,\n# between\n    interface: 127.0.0.6, port: 6}",
+    "  - {name: e,\n  interface: 127.0.0.7, port: 7}",
+    "  - {name: f,\ninterface: 127.0.0.8, port: 8}",
+    '  - {name: "g\n  - h", interface: 127.0.0.9, port: 9}',
+    "  - {interface: 127.0.0.1, port: 1, allow: [10.0.0.0/8,\n    192.168.0.0/16]}",
+    "  - name: b",
+    "    interface: 127.0.0.3",
+    "    port: 4",
+    "    port: 5",
+    "    recv_buffer: 64KiB",
+    "    responder: echo",
+    "  -",
+    "  - interface: lo",
+    "  - {interface: 127.0.0.1, port: 70000}",
+    "  - &x {interface: 127.0.0.9, port: 9}",
+    "  - *x",
+    "  - !!map {interface: 127.0.0.8, port: 8}",
+    "  - {<<: {port: 7}, interface: 127.0.0.7}",
+    "  - {name: 'open",
+    "    quote'}",
+    "  - {name: open,",
+    "    port: 6}",
+    "  - |\n      text",
+    "    # a comment",
+    "# a comment",
+    "",
+    "   ",
+    "  x: 1",
+    "port: 1",
+    "listeners:",
+    "---",
+    "...",
+    "\t- {port: 1}",
+    "   - {interface: 127.0.0.4, port: 4}",
+    "- {interface: 127.0.0.5, port: 5}",
+    "    - nested",
+    "  - {interface: 127.0.0.6, port: 6}\r",
+]
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> tuple[str, str]:
+    """A valid file, listeners in flow and block style with comments and blank lines, and
+    the indentation of its list."""
+    count = draw(st.integers(1, 8))
+    indent = draw(st.sampled_from(["", "  ", "    "]))
+    lines = [*draw(st.sampled_from([[], ["# head"], ["user: nobody"]])), "listeners:"]
+    for index in range(count):
+        name = f"l{index}"
+        address = f"127.1.0.{index + 1}"
+        style = draw(st.sampled_from(["flow", "block", "dash"]))
+        if style == "flow":
+            lines.append(f"{indent}- {{name: {name}, interface: {address}, port: 1060}}")
+        else:
+            first = f"{indent}- name: {name}" if style == "block" else f"{indent}-"
+            rest = [] if style == "block" else [f"name: {name}"]
+            lines += [first, *(f"{indent}  {line}" for line in rest)]
+            lines += [f"{indent}  interface: {address}", f"{indent}  port: 1060"]
+        lines += draw(st.sampled_from([[], ["# between"], [""], [f"{indent}  # inside"]]))
+    lines += draw(st.sampled_from([[], ["metrics: {listen: []}"], ["logging:", "  level: debug"]]))
+    return "\n".join(lines) + draw(st.sampled_from(["\n", ""])), indent
+
+
+@st.composite
+def edits(draw: st.DrawFn, text: str, indent: str) -> str:
+    """``text`` with a few lines replaced, inserted or deleted."""
+    lines = text.split("\n")
+    for _ in range(draw(st.integers(1, 2))):
+        where = draw(st.integers(0, len(lines)))
+        what = draw(st.sampled_from(["replace", "insert", "delete", "retype", "retype", "entry"]))
+        if what == "entry":
+            # A valid listener, in flow or block style, most often with a name of its own.
+            name = draw(st.sampled_from(["n1", "n2", "n3", "l0"]))
+            written = draw(
+                st.sampled_from(
+                    [
+                        f"- {{name: {name}, interface: 127.3.0.1, port: 1}}",
+                        f"- name: {name}\n  interface: 127.3.0.2\n  port: 2",
+                    ]
+                )
+            ).split("\n")
+            lines[where:where] = [indent + line for line in written]
+        elif what == "delete" and where < len(lines):
+            del lines[where]
+        elif what == "retype" and where < len(lines):
+            # A small change inside a line: most entries stay valid.
+            old = draw(st.sampled_from(["1060", "127.1.0.", "l", "name", ": ", "- "]))
+            new = draw(st.sampled_from(["1061", "127.2.0.", "m", "nam", ":", "-"]))
+            lines[where] = lines[where].replace(old, new, 1)
+        else:
+            written = draw(st.sampled_from(EDIT_LINES)).split("\n")
+            written = [indent + line[2:] if line.startswith("  ") else line for line in written]
+            lines[where : where + (what == "replace")] = written
+    return "\n".join(lines)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_a_reload_gives_what_a_full_read_gives(data: st.DataObject) -> None:
+    saved = config._last
+    config._last = None
+    try:
+        text, indent = data.draw(configs())
+        assert isinstance(reloaded(text), Config), text
+        for _ in range(data.draw(st.integers(1, 4))):
+            text = data.draw(edits(text, indent))
+            snapshot = config._last
+            expected = outcome(text)
+            if snapshot is not None:
+                reuse = config._reuse(snapshot, text)
+                if reuse is not None:
+                    assert reuse.config == expected, text
+            assert reloaded(text) == expected, text
+    finally:
+        config._last = saved
+
+
+def unstreamed(text: str) -> Config | list[str]:
+    """What checking the whole tree after reading it gives, as the checker did before it
+    checked each listener while the file was read."""
+    document = yamlsrc.read(text, SOURCE)
+    root, problems = document.root, document.problems
+    if root is None:
+        return [str(problem) for problem in ConfigError(problems).problems] or ["empty"]
+    checker = config._Checker(SOURCE, problems)
+    result = checker.config(root)
+    if checker.problems or result is None:
+        return [str(problem) for problem in ConfigError(checker.problems).problems]
+    return result
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_checking_listeners_as_they_are_read_changes_nothing(data: st.DataObject) -> None:
+    text, indent = data.draw(configs())
+    text = data.draw(edits(text, indent))
+    expected = unstreamed(text)
+    if expected == ["empty"]:
+        expected = [f"{SOURCE}: empty file: expected a mapping with 'listeners'"]
+    assert outcome(text) == expected, text

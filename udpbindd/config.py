@@ -1,9 +1,10 @@
 """The configuration: YAML text → a validated, immutable ``Config``; every problem at once.
 
-Pure except ``load``/``load_default``, which read a file. Never touches sockets, logging or
-metrics. Problems read ``FILE:LINE: path: message`` and the CLI turns them into exit 78.
-Also owns the defaults of the source policy (access lists, rate limit, reflection guard) that
-``guard.py`` enforces.
+Pure except ``load``/``load_default``, which read a file. ``load`` keeps what it read last, so
+that a reload of a file with thousands of listeners reads again only the entries that
+changed. Never touches sockets, logging or metrics. Problems read ``FILE:LINE: path:
+message`` and the CLI turns them into exit 78. Also owns the defaults of the source policy
+(access lists, rate limit, reflection guard) that ``guard.py`` enforces.
 """
 
 from __future__ import annotations
@@ -12,18 +13,35 @@ import codecs
 import datetime
 import difflib
 import enum
+import functools
 import ipaddress
 import math
 import re
+import socket
+import zlib
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from udpbindd.gcpause import collection_paused
-from udpbindd.names import IPAddress, address_text
-from udpbindd.yamlsrc import INVALID, Item, Problem, parse
+from udpbindd.names import IPV6_ANY, IPAddress, address_text
+from udpbindd.yamlsrc import (
+    INVALID,
+    MAX_VALUES,
+    Document,
+    Entries,
+    Item,
+    Problem,
+    Stream,
+    block_entries,
+    lines_only,
+    read,
+    read_plain,
+)
 
 DEFAULT_PATH = Path("/etc/udpbindd/udpbindd.yaml")
 EMBEDDED_NAME = "<embedded default>"
@@ -39,6 +57,8 @@ _IFNAME = re.compile(r"^(?!\.{1,2}$)[^/:\s%]{1,15}$")
 # Text an operator meant as an address: digits and dots ("10.0.0.300"), or hex digits and dots
 # around a colon ("fe80::1::2"). Such text is never taken for an interface name.
 _LOOKS_LIKE_ADDRESS = re.compile(r"^[\d.]*\.[\d.]*$|^[\da-fA-F.:]*:[\da-fA-F.:]*$")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}\Z")
 _METRICS_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<v4>[^:\[\]]*)):(?P<port>\d{1,5})$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -135,6 +155,7 @@ class InterfaceName:
 
 
 Target = Wildcard | Literal | InterfaceName
+WILDCARD = Wildcard()
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -163,6 +184,10 @@ class ReflectionPolicy:
     max_amplification: float = DEFAULT_MAX_AMPLIFICATION
 
 
+# Every listener without a reflection_guard section shares this one.
+DEFAULT_REFLECTION = ReflectionPolicy()
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """One listener as configured. Expands to one or more socket names (see ``expand.py``)."""
@@ -185,7 +210,7 @@ class Listener:
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
     rate_limit: RateLimit | None = None
-    reflection_guard: ReflectionPolicy = field(default_factory=ReflectionPolicy)
+    reflection_guard: ReflectionPolicy = DEFAULT_REFLECTION
     line: int = 0
 
 
@@ -273,7 +298,9 @@ def load(path: Path) -> Config:
         raise ConfigError([Problem(source, 0, "", f"cannot read: {error.strerror}")]) from None
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError([Problem(source, 0, "", f"larger than {MAX_FILE_BYTES} bytes")])
-    return parse_bytes(data, source)
+    text = _decode(data, source)
+    with collection_paused():
+        return _load_text(text, source)
 
 
 def load_default() -> Config:
@@ -284,6 +311,10 @@ def load_default() -> Config:
 
 def parse_bytes(data: bytes, source: str) -> Config:
     """Validate configuration bytes; ``source`` names them in problems."""
+    return parse_text(_decode(data, source), source)
+
+
+def _decode(data: bytes, source: str) -> str:
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise ConfigError([Problem(source, 0, "", "UTF-16 text: save the file as UTF-8")])
     if b"\x00" in data:
@@ -293,7 +324,7 @@ def parse_bytes(data: bytes, source: str) -> Config:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ConfigError([Problem(source, line, "", "not valid UTF-8 text")]) from None
-    return parse_text(text, source)
+    return text
 
 
 def parse_text(text: str, source: str) -> Config:
@@ -307,18 +338,264 @@ def parse_text(text: str, source: str) -> Config:
 
 
 def _parse_text(text: str, source: str) -> Config:
-    root, problems = parse(text, source)
+    return _read(text, source)[1]
+
+
+def _read(text: str, source: str) -> tuple[Document, Config]:
+    """Read and check the whole text; each listener is checked as soon as it is read."""
+    checker = _Checker(source, [])
+    document = read(text, source, Stream("listeners", checker.take))
+    root, problems = document.root, document.problems
     if root is None and not problems:
         raise ConfigError(
             [Problem(source, 0, "", "empty file: expected a mapping with 'listeners'")]
         )
     if root is None:
         raise ConfigError(problems)
-    checker = _Checker(source, problems)
+    checker.problems = problems  # the YAML layer's come first, as they are found first
     config = checker.config(root)
     if checker.problems or config is None:
         raise ConfigError(checker.problems)
+    return document, config
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloads: only the listener entries whose text changed are read again
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The last file ``load`` read and found valid, kept for the next reload of that file.
+
+    Kept only for a plain document (see ``yamlsrc.Document``) whose listeners are a block
+    sequence, one entry per ``-`` line, and whose text has no line breaks but ``\\n``.
+    ``starts`` and ``end`` are the listener entries' places in the text (``Entries``);
+    ``values`` is at least the number of values in the file.
+    """
+
+    source: str
+    packed: bytes  # the text, compressed: about a twentieth of its size
+    column: int
+    starts: array[int]
+    end: int
+    values: int
+    config: Config
+
+
+@dataclass(frozen=True, slots=True)
+class _Reuse:
+    config: Config
+    snapshot: _Snapshot
+
+
+_last: _Snapshot | None = None
+
+
+def _load_text(text: str, source: str) -> Config:
+    """``parse_text``, but when the file was loaded before, reads again only what changed.
+
+    Falls back to reading the whole file for anything unusual: a change outside the list of
+    listeners, an anchor, alias, tag or merge key, a problem anywhere, a layout other than a
+    block sequence. The result is always the one ``parse_text`` gives.
+    """
+    global _last  # noqa: PLW0603 - one snapshot, swapped whole
+    previous = _last
+    if previous is not None and previous.source == source:
+        reused = _reuse(previous, text)
+        if reused is not None:
+            _last = reused.snapshot
+            return reused.config
+    document, config = _read(text, source)
+    _last = _snapshot(text, source, document, config)
     return config
+
+
+def _snapshot(text: str, source: str, document: Document, config: Config) -> _Snapshot | None:
+    """What the next reload needs of this load, or ``None`` if it cannot reuse anything."""
+    root = document.root
+    if not document.plain or root is None or not config.listeners or not lines_only(text):
+        return None
+    listeners = root.value["listeners"]  # type: ignore[index]
+    entries = block_entries(text, _line_start(text, listeners.line))
+    if entries is None or not _entries_agree(text, entries, listeners.value):
+        return None
+    # Every entry but the last ends where the next one's "-" starts; make sure the last ends
+    # before the lines that follow it, so that a new entry after it cannot change it.
+    last = entries.starts[-1]
+    alone = read_plain(text[last : entries.end], source, first_line=_line_of(text, last), depth=1)
+    if alone is None or alone.problems:
+        return None
+    return _Snapshot(
+        source,
+        zlib.compress(text.encode(), 1),
+        entries.column,
+        array("q", entries.starts),
+        entries.end,
+        document.values,
+        config,
+    )
+
+
+def _entries_agree(text: str, entries: Entries, items: list[Item]) -> bool:
+    """True when the parser found exactly these entries: one per group of lines, each
+    starting within its own group."""
+    if len(items) != len(entries.starts):
+        return False
+    bounds = [*entries.starts, entries.end]
+    line = _line_of(text, bounds[0])
+    for index, item in enumerate(items):
+        following = line + text.count("\n", bounds[index], bounds[index + 1])
+        if not line <= item.line < max(following, line + 1):
+            return False
+        line = following
+    return True
+
+
+def _reuse(previous: _Snapshot, text: str) -> _Reuse | None:
+    """The configuration of ``text``, from ``previous`` and the entries that changed in it.
+
+    ``None`` when that needs more than reading those entries again. The unchanged text before
+    and after the changed entries is the very text the previous load read; each changed
+    entry is read alone and must end where its lines end, so it means the same in the file.
+    """
+    old = zlib.decompress(previous.packed).decode()
+    if text == old:
+        return _Reuse(previous.config, previous)
+    if not lines_only(text):
+        return None
+    starts, end = previous.starts, previous.end
+    same_head = _common_prefix(old, text)
+    same_tail = _common_suffix(old, text, min(len(old), len(text)) - same_head)
+    if same_head < starts[0] or len(old) - same_tail > end:
+        return None  # a change outside the listeners
+    # The old text's changed lines are [changed, unchanged): whole lines, which entries hold.
+    changed = old.rfind("\n", 0, same_head) + 1
+    unchanged = _next_line(old, len(old) - same_tail)
+    # Read again the entries that hold those lines, and the one whose last line precedes
+    # them: lines added at its end belong to it.
+    first = max(bisect_right(starts, changed - 1) - 1, 0)
+    last = max(bisect_right(starts, max(unchanged, changed) - 1) - 1, first)
+    old_stop = starts[last + 1] if last + 1 < len(starts) else end
+    shift = len(text) - len(old)
+    new_stop = old_stop + shift
+    if new_stop < len(text) and text[new_stop - 1] != "\n":
+        return None
+    begin = starts[first]
+    read_again: list[Listener] = []
+    values = previous.values
+    new_starts: list[int] = []
+    if new_stop > begin:
+        entries = _read_entries(text, begin, new_stop, previous, first)
+        if entries is None:
+            return None
+        read_again, new_starts, count = entries
+        values += count
+    kept = previous.config.listeners
+    lines = text.count("\n", begin, new_stop) - old.count("\n", begin, old_stop)
+    after = kept[last + 1 :]
+    if lines:
+        after = tuple(replace(listener, line=listener.line + lines) for listener in after)
+    listeners = (*kept[:first], *read_again, *after)
+    if not listeners or values > MAX_VALUES:
+        return None
+    if len({listener.name for listener in listeners}) != len(listeners):
+        return None  # a duplicate name: the full read words it
+    snapshot = _Snapshot(
+        previous.source,
+        zlib.compress(text.encode(), 1),
+        previous.column,
+        array(
+            "q", [*starts[:first], *new_starts, *(start + shift for start in starts[last + 1 :])]
+        ),
+        end + shift,
+        values,
+        replace(previous.config, listeners=listeners),
+    )
+    return _Reuse(snapshot.config, snapshot)
+
+
+def _read_entries(
+    text: str, begin: int, stop: int, previous: _Snapshot, first: int
+) -> tuple[list[Listener], list[int], int] | None:
+    """The listeners written in ``text[begin:stop]``, each a whole entry, where they start,
+    and how many values they hold; ``None`` if any of them has a problem."""
+    entries = block_entries(text, begin, stop, column=previous.column)
+    if entries is None:
+        return None
+    document = read_plain(
+        text[begin:stop], previous.source, first_line=_line_of(text, begin), depth=1
+    )
+    if document is None or document.problems or document.root is None:
+        return None
+    items = document.root.value
+    if not isinstance(items, list) or not _entries_agree(text, entries, items):
+        return None
+    checker = _Checker(previous.source, [])
+    listeners = []
+    for index, item in enumerate(items):
+        listener = checker.listener(item, f"listeners[{first + index}]")
+        if listener is None or checker.problems:
+            return None
+        listeners.append(listener)
+    return listeners, entries.starts, document.values
+
+
+def _next_line(text: str, offset: int) -> int:
+    """The offset of the first line that starts at or after ``offset``."""
+    if offset == 0 or text[offset - 1] == "\n":
+        return offset
+    found = text.find("\n", offset)
+    return len(text) if found < 0 else found + 1
+
+
+def _line_of(text: str, offset: int) -> int:
+    """The 1-based line ``offset`` is on."""
+    return text.count("\n", 0, offset) + 1
+
+
+def _line_start(text: str, line: int) -> int:
+    """The offset of the 1-based ``line``."""
+    offset = 0
+    for _ in range(line - 1):
+        offset = text.index("\n", offset) + 1
+    return offset
+
+
+_CHUNK = 4096
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest text both ``a`` and ``b`` start with."""
+    size = min(len(a), len(b))
+    low = 0
+    while low < size and a[low : low + _CHUNK] == b[low : low + _CHUNK]:
+        low += _CHUNK
+    high = min(low + _CHUNK, size)
+    while low < high:  # a[:low] == b[:low], and they differ before high (or high is size)
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return min(low, size)
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    """The length, at most ``limit``, of the longest text both ``a`` and ``b`` end with."""
+    low, high = 0, limit
+    while low < limit:
+        step = min(_CHUNK, limit - low)
+        if a[len(a) - low - step : len(a) - low] != b[len(b) - low - step : len(b) - low]:
+            high = low + step
+            break
+        low += step
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[len(a) - middle : len(a) - low] == b[len(b) - middle : len(b) - low]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +603,7 @@ def _parse_text(text: str, source: str) -> Config:
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.StrEnum)
+_R = TypeVar("_R")
 
 TOP_KEYS = frozenset({"listeners", "metrics", "logging", "user", "io"})
 LISTENER_KEYS = frozenset(
@@ -366,11 +644,33 @@ def _text(item: Item | None) -> str | None:
     return item.value if item is not None and isinstance(item.value, str) else None
 
 
+@functools.cache
+def _options(kind: type[enum.StrEnum]) -> str:
+    return ", ".join(member.value for member in kind)
+
+
 def _unknown_key(key: str, allowed: frozenset[str]) -> str:
     close = difflib.get_close_matches(key, sorted(allowed), n=1)
     if close:
         return f"unknown key (did you mean {close[0]!r}?)"
     return f"unknown key (known: {', '.join(sorted(allowed))})"
+
+
+class _Checked:
+    """A listener entry checked while the file was read: what was found, in its place."""
+
+    __slots__ = ("given", "listener", "problems")
+
+    def __init__(
+        self, listener: Listener | None, problems: tuple[Problem, ...], given: Item | None
+    ) -> None:
+        self.listener = listener
+        self.problems = problems
+        self.given = given  # the entry's name, whether or not it is valid
+
+
+def _given_name(entry: Item) -> Item | None:
+    return entry.value.get("name") if isinstance(entry.value, dict) else None
 
 
 class _Checker:
@@ -379,6 +679,7 @@ class _Checker:
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = problems
+        self.remembered_values: dict[tuple[str, str], Any] = {}
 
     def problem(self, item: Item, path: str, message: str) -> None:
         if item.value is INVALID:
@@ -393,6 +694,8 @@ class _Checker:
                 item, path or "(top level)", f"expected a mapping, got {_type_name(item.value)}"
             )
             return None
+        if allowed.issuperset(item.value):
+            return item.value
         for key, child in item.value.items():
             if key not in allowed:
                 self.problem(child, f"{path}.{key}" if path else key, _unknown_key(key, allowed))
@@ -407,7 +710,7 @@ class _Checker:
         return None
 
     def choice(self, item: Item, path: str, kind: type[_E]) -> _E | None:
-        options = ", ".join(member.value for member in kind)
+        options = _options(kind)
         text = self.typed(item, path, str, f"one of: {options}")
         if text is None:
             return None
@@ -455,9 +758,13 @@ class _Checker:
         seen: dict[str, int] = {}
         for index, child in enumerate(item.value):
             path = f"listeners[{index}]"
-            listener = self.listener(child, path)
+            if isinstance(child.value, _Checked):
+                listener, given = child.value.listener, child.value.given
+                self.problems.extend(child.value.problems)
+            else:
+                listener = self.listener(child, path)
+                given = _given_name(child)
             # A name given explicitly is checked even when the rest of its listener is not.
-            given = child.value.get("name") if isinstance(child.value, dict) else None
             name = listener.name if listener else _text(given)
             if name is None:
                 continue
@@ -468,6 +775,19 @@ class _Checker:
             if listener is not None:
                 result.append(listener)
         return tuple(result)
+
+    def take(self, item: Item, index: int) -> Item:
+        """Check one listener entry as soon as it is read (see ``Stream``), so that its tree
+        is dropped at once; ``listeners`` reports what was found in its turn."""
+        if not isinstance(item.value, dict):
+            return item
+        problems, self.problems = self.problems, []
+        try:
+            listener = self.listener(item, f"listeners[{index}]")
+            found = tuple(self.problems) if self.problems else ()
+        finally:
+            self.problems = problems
+        return Item(_Checked(listener, found, _given_name(item)), item.line, item.key_line)
 
     def duplicate_name(
         self, item: Item, given: Item | None, path: str, name: str, first: int
@@ -491,7 +811,8 @@ class _Checker:
         if fields is None:
             return None
         before = len(self.problems)
-        port = interface = target = None
+        port = interface = None
+        target: Target | None = None
         if "port" not in fields:
             self.problem(item, f"{path}.port", "required: a port number 1..65535")
         else:
@@ -506,50 +827,80 @@ class _Checker:
                 interface_item, f"{path}.interface", str, 'an address, "*" or an interface name'
             )
             if interface is not None:
-                target = self.target(interface_item, f"{path}.interface", interface)
-        family = self.optional(fields, "family", path, lambda i, p: self.choice(i, p, Family))
-        responder = self.optional(
-            fields, "responder", path, lambda i, p: self.choice(i, p, Responder)
-        )
-        drop_rate = self.optional(fields, "drop_rate", path, self.drop_rate)
-        device = self.optional(fields, "device", path, self.device)
-        flags = {
-            key: self.optional(
-                fields, key, path, lambda i, p: self.typed(i, p, bool, "true or false")
-            )
-            for key in ("reuse_port", "freebind", "required", "enabled")
+                target = self.remembered(
+                    "interface", interface_item, f"{path}.interface", self.target
+                )
+        # The other keys, each checked only when given, in the order their problems are told.
+        given: dict[str, Any] = {
+            key: check(self, fields[key], f"{path}.{key}")
+            for key, check in _LISTENER_OPTIONS
+            if key in fields
         }
-        recv_buffer = self.optional(fields, "recv_buffer", path, self.size)
-        bind_timeout = self.optional(fields, "bind_timeout", path, self.seconds)
-        name = self.optional(fields, "name", path, self.name)
-        allow = self.optional(fields, "allow", path, lambda i, p: self.networks(i, p, allow=True))
-        deny = self.optional(fields, "deny", path, lambda i, p: self.networks(i, p, allow=False))
-        rate_limit = self.optional(fields, "rate_limit", path, self.rate_limit)
-        reflection = self.optional(fields, "reflection_guard", path, self.reflection_guard)
         if port is None or interface is None or target is None or len(self.problems) > before:
             return None
-        if not self.coherent(fields, path, target, family, device or ""):
+        family: Family | None = given.get("family")
+        device: str = given.get("device") or ""
+        if not self.coherent(fields, path, target, family, device):
             return None
+        bind_timeout = given.get("bind_timeout")
         return Listener(
-            name=name or _default_name(interface, port, target, family, device or ""),
+            name=given.get("name") or _default_name(interface, port, target, family, device),
             interface=interface,
             target=target,
             port=port,
             family=family,
-            responder=responder or Responder.SIZE,
-            drop_rate=drop_rate or 0.0,
-            device=device or "",
-            recv_buffer=recv_buffer or DEFAULT_RECV_BUFFER,
+            responder=given.get("responder") or Responder.SIZE,
+            drop_rate=given.get("drop_rate") or 0.0,
+            device=device,
+            # A flag whose value the YAML layer could not read (None) keeps its default.
+            reuse_port=given.get("reuse_port") is True,
+            freebind=given.get("freebind") is True,
+            recv_buffer=given.get("recv_buffer") or DEFAULT_RECV_BUFFER,
+            required=given.get("required") is not False,
+            enabled=given.get("enabled") is not False,
             bind_timeout=DEFAULT_BIND_TIMEOUT if bind_timeout is None else bind_timeout,
-            allow=allow or (),
-            deny=deny or (),
-            rate_limit=rate_limit,
-            reflection_guard=ReflectionPolicy() if reflection is None else reflection,
+            allow=given.get("allow") or (),
+            deny=given.get("deny") or (),
+            rate_limit=given.get("rate_limit"),
+            reflection_guard=given.get("reflection_guard") or DEFAULT_REFLECTION,
             line=item.line,
-            **{key: value for key, value in flags.items() if value is not None},
         )
 
+    def remembered(self, key: str, item: Item, path: str, check: Callable[[Item, str], _R]) -> _R:
+        """``check``, once per distinct text: a file repeats the same few values thousands of
+        times, and equal results are then one shared object. Only results that raised no
+        problem are remembered, so every problem is still reported where it is."""
+        text = item.value
+        if type(text) is not str:
+            return check(item, path)
+        found = self.remembered_values.get((key, text))
+        if found is not None:
+            return cast(_R, found)
+        before = len(self.problems)
+        result = check(item, path)
+        if result is not None and len(self.problems) == before:
+            self.remembered_values[key, text] = result
+        return result
+
     # -- listener fields -----------------------------------------------------------------------
+
+    def family(self, item: Item, path: str) -> Family | None:
+        return self.remembered("family", item, path, lambda i, p: self.choice(i, p, Family))
+
+    def responder(self, item: Item, path: str) -> Responder | None:
+        return self.remembered("responder", item, path, lambda i, p: self.choice(i, p, Responder))
+
+    def flag(self, item: Item, path: str) -> bool | None:
+        return self.typed(item, path, bool, "true or false")
+
+    def recv_buffer(self, item: Item, path: str) -> int | None:
+        return self.remembered("recv_buffer", item, path, self.size)
+
+    def allow(self, item: Item, path: str) -> tuple[Network, ...] | None:
+        return self.networks(item, path, allow=True)
+
+    def deny(self, item: Item, path: str) -> tuple[Network, ...] | None:
+        return self.networks(item, path, allow=False)
 
     def port(self, item: Item, path: str) -> int | None:
         value = self.typed(item, path, int, "a port number 1..65535")
@@ -558,17 +909,18 @@ class _Checker:
             return None
         return value
 
-    def target(self, item: Item, path: str, text: str) -> Target | None:
-        text = text.strip()
+    def target(self, item: Item, path: str) -> Target | None:
+        """The listener's ``interface``, whose value is known to be a string."""
+        text = str(item.value).strip()
         if text == "*":
-            return Wildcard()
+            return WILDCARD
         if text == "":
             self.problem(item, path, 'empty: give an address, "*" or an interface name')
             return None
         unbracketed = text[1:-1] if text.startswith("[") and text.endswith("]") else text
         address_part, percent, zone = unbracketed.partition("%")
         try:
-            address = ipaddress.ip_address(address_part)
+            address = _ip_address(address_part)
         except ValueError:
             if _IFNAME.match(text) and not _LOOKS_LIKE_ADDRESS.match(text):
                 return InterfaceName(text)
@@ -636,7 +988,11 @@ class _Checker:
         value = self.typed(item, path, str, "a string")
         if value is None:
             return None
-        if not value.strip() or any(ch.isspace() or not ch.isprintable() for ch in value):
+        # Only " " is both printable and whitespace, so most names pass the first test alone.
+        clean = value.isprintable() and " " not in value
+        if not value.strip() or (
+            not clean and any(ch.isspace() or not ch.isprintable() for ch in value)
+        ):
             self.problem(item, path, f"{value!r}: names must be non-empty with no spaces")
             return None
         return value
@@ -867,7 +1223,7 @@ class _Checker:
         key, message = "", ""
         if isinstance(target, Literal):
             address = target.address
-            wildcard6 = address == ipaddress.IPv6Address("::")
+            wildcard6 = address == IPV6_ANY
             if family is Family.IPV4 and address.version == 6:
                 key, message = (
                     "family",
@@ -976,6 +1332,37 @@ class _Checker:
 
 DEFAULT_METRICS_LISTEN_ENDPOINTS = (Endpoint("127.0.0.1", 9917),)
 
+# A listener's optional keys, in the order their problems are reported.
+_LISTENER_OPTIONS: tuple[tuple[str, Callable[[_Checker, Item, str], object]], ...] = (
+    ("family", _Checker.family),
+    ("responder", _Checker.responder),
+    ("drop_rate", _Checker.drop_rate),
+    ("device", _Checker.device),
+    ("reuse_port", _Checker.flag),
+    ("freebind", _Checker.flag),
+    ("required", _Checker.flag),
+    ("enabled", _Checker.flag),
+    ("recv_buffer", _Checker.recv_buffer),
+    ("bind_timeout", _Checker.seconds),
+    ("name", _Checker.name),
+    ("allow", _Checker.allow),
+    ("deny", _Checker.deny),
+    ("rate_limit", _Checker.rate_limit),
+    ("reflection_guard", _Checker.reflection_guard),
+)
+
+
+def _ip_address(text: str) -> IPAddress:
+    """``ipaddress.ip_address``, several times faster for the dotted quads files list most.
+
+    Raises:
+        ValueError: ``text`` is not an address.
+    """
+    if _DOTTED_QUAD.match(text):
+        # Exactly the dotted quads ipaddress accepts: no leading zeros, each 0..255.
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    return ipaddress.ip_address(text)
+
 
 def _bad_address(text: str, address_part: str) -> str:
     """Why ``text``, which is neither an address nor an interface name, is rejected."""
@@ -1017,7 +1404,7 @@ def _default_name(
     zoned = isinstance(target, Literal) and target.zone
     if device and not zoned:
         name += f"%{device}"
-    specific = isinstance(target, Literal) and target.address != ipaddress.IPv6Address("::")
+    specific = isinstance(target, Literal) and target.address != IPV6_ANY
     if family is not None and not specific:
         name += f"/{family.value}"
     return name

@@ -185,9 +185,15 @@ def _absence(
         return f"{address} is not an address of {device}"
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     effective: IPAddress = mapped if mapped is not None else address
-    if (effective.version, int(effective)) in present or effective.is_multicast:
+    version, value = effective.version, int(effective)
+    if (version, value) in present:
         return ""
-    if effective.version == 4 and effective.is_loopback and loopback:
+    if version == 4:
+        # 224.0.0.0/4 is multicast and 127.0.0.0/8 loopback: tested on the int, as each
+        # ipaddress property costs a network lookup and a reload asks for every binding.
+        if value >> 28 == 0xE or (loopback and value >> 24 == 127):
+            return ""
+    elif effective.is_multicast:
         return ""
     if local(address):
         return ""

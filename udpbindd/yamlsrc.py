@@ -2,14 +2,28 @@
 
 Owns the YAML layer under ``config.py``: syntax errors, duplicate keys (PyYAML silently keeps
 the last), merge keys, tags, alias loops and alias bombs all become one-line ``Problem`` items.
+Also owns where the entries of a block sequence lie in the text (``block_entries``), so that
+a reload can read again only the entries whose text changed.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Protocol
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import (
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 # Configs nest four levels deep; anything near these limits is a mistake or an attack.
@@ -17,12 +31,15 @@ MAX_DEPTH = 64
 MAX_VALUES = 1_000_000
 
 _TAG_PREFIX = "tag:yaml.org,2002:"
+_STR_TAG = _TAG_PREFIX + "str"
 _MAP_TAG = _TAG_PREFIX + "map"
 _SEQ_TAG = _TAG_PREFIX + "seq"
 _MERGE_TAG = _TAG_PREFIX + "merge"
 _SCALAR_TAGS = frozenset(
     _TAG_PREFIX + name for name in ("str", "int", "float", "bool", "null", "timestamp", "binary")
 )
+# Line breaks libyaml knows besides "\n": a text holding one is never split into lines here.
+_OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +69,9 @@ class _Invalid:
 INVALID: object = _Invalid()
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a file with 10,000 listeners makes over 100,000 of these, and a frozen
+# dataclass takes three times as long to build. Nothing changes one once it is built.
+@dataclass(slots=True)
 class Item:
     """A YAML value with the 1-based line it starts on, and the line of its key if it has one.
 
@@ -71,30 +90,89 @@ class Item:
         return self.key_line or self.line
 
 
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One parsed document: its tree, its problems, and what a reload may reuse of it.
+
+    ``plain`` is True when the document has no anchor, alias, explicit tag or merge key, so
+    each part of it means the same wherever it stands. ``values`` counts its values.
+    """
+
+    root: Item | None
+    problems: list[Problem]
+    plain: bool
+    values: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """Hands each entry of the list under ``key``, at the top level, to ``take`` once it is read.
+
+    The list keeps what ``take`` returns in its place, so a caller can check a long list
+    entry by entry and the tree of the whole list never exists at once. ``take`` gets the
+    entry and its index. Only a plain document is streamed (see ``read_plain``).
+    """
+
+    key: str
+    take: Callable[[Item, int], Item]
+
+
 def parse(text: str, source: str) -> tuple[Item | None, list[Problem]]:
     """Parse one YAML document into an ``Item`` tree, collecting every problem on the way.
 
     A syntax error is returned as the only problem. An empty document gives ``None``.
     """
+    document = read(text, source)
+    return document.root, document.problems
+
+
+def read(text: str, source: str, stream: Stream | None = None) -> Document:
+    """``parse``, and whether the document is plain (see ``Document``)."""
+    plain = read_plain(text, source, stream=stream)
+    if plain is not None:
+        return plain
     try:
         node = _compose(text)
     except yaml.MarkedYAMLError as error:
-        return None, [_syntax_problem(error, source)]
+        return Document(None, [_syntax_problem(error, source)], False, 0)
     except yaml.reader.ReaderError as error:
         line = text.count("\n", 0, error.position) + 1
         character = f"U+{error.character:04X}" if isinstance(error.character, int) else "?"
-        return None, [
-            Problem(source, line, "", f"invalid YAML: character {character} is not allowed")
-        ]
+        message = f"invalid YAML: character {character} is not allowed"
+        return Document(None, [Problem(source, line, "", message)], False, 0)
     except yaml.YAMLError as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return None, [Problem(source, 0, "", f"invalid YAML: {first}")]
+        return Document(None, [Problem(source, 0, "", f"invalid YAML: {first}")], False, 0)
     except RecursionError:
-        return None, [Problem(source, 0, "", "invalid YAML: nested too deeply")]
+        return Document(None, [Problem(source, 0, "", "invalid YAML: nested too deeply")], False, 0)
     if node is None:
-        return None, []
+        return Document(None, [], False, 0)
     builder = _Builder(source)
-    return builder.convert(node, "", 0), builder.problems
+    return Document(builder.convert(node, "", 0), builder.problems, False, builder.count)
+
+
+def read_plain(
+    text: str, source: str, *, first_line: int = 1, depth: int = 0, stream: Stream | None = None
+) -> Document | None:
+    """Read a plain document straight from the parser's events, or ``None`` if it is not one.
+
+    Builds the same tree as ``read`` without composing nodes first (several times faster).
+    ``None`` means the document has a syntax error, more than one document, an anchor, an
+    alias, an explicit tag or a merge key, or is near a limit: ``read`` handles all of those.
+    ``first_line`` is the line the text starts on and ``depth`` the depth of its root, for
+    reading part of a file. ``stream`` may have taken some entries even when the answer is
+    ``None``.
+    """
+    try:
+        loader = _loader(text)
+    except yaml.YAMLError:
+        return None
+    try:
+        return _EventBuilder(loader, source, first_line - 1, depth, stream).document()
+    except (_NotPlain, yaml.YAMLError, RecursionError):
+        return None
+    finally:
+        loader.dispose()
 
 
 def _compose(text: str) -> Node | None:
@@ -218,7 +296,7 @@ class _Builder:
         where = path or "(top level)"
         if not isinstance(node, ScalarNode):
             self.problem(node, where, f"keys must be plain strings, not {_describe(node)}")
-        elif node.tag != _TAG_PREFIX + "str":
+        elif node.tag != _STR_TAG:
             self.problem(node, where, f"key {node.value!r} reads as {_tag(node.tag)}, not a string")
         else:
             return str(node.value)
@@ -274,3 +352,297 @@ class _Builder:
                 for name, child in item.value.items():
                     result.setdefault(name, child)
         return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain documents, straight from the parser's events
+
+
+class _Loader(Protocol):
+    """What both PyYAML loaders (libyaml's and the pure-Python one) offer at the event level."""
+
+    yaml_path_resolvers: dict[Any, Any]
+
+    def get_event(self) -> Any: ...
+
+    def resolve(self, kind: type[Node], value: str | None, implicit: Any) -> str: ...
+
+    def dispose(self) -> None: ...
+
+
+def _loader(text: str) -> _Loader:
+    fast = getattr(yaml, "CSafeLoader", None)
+    loader: _Loader = (fast or yaml.SafeLoader)(text)
+    return loader
+
+
+class _NotPlain(Exception):
+    """The document needs the node-based builder: it is not plain, or it is near a limit."""
+
+
+class _Refused:
+    """A plain scalar that cannot be a value, and why (e.g. "unsupported tag !!merge")."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+_UNSEEN = object()
+
+
+class _EventBuilder:
+    """Builds the ``Item`` tree of a plain document from parser events, without nodes.
+
+    Makes the same tree and problems, in the same order, as composing and then ``_Builder``:
+    a document that needs more raises ``_NotPlain``. Each distinct plain scalar is resolved
+    and constructed once, and equal strings are shared.
+    """
+
+    def __init__(
+        self, loader: _Loader, source: str, line_offset: int, depth: int, stream: Stream | None
+    ) -> None:
+        if loader.yaml_path_resolvers:
+            raise _NotPlain  # tags that depend on a value's place in the document
+        self.next: Callable[[], Any] = loader.get_event
+        self.resolve = loader.resolve
+        self.source = source
+        self.line_offset = line_offset + 1
+        self.depth = depth
+        self.stream = stream
+        self.problems: list[Problem] = []
+        self.count = 0
+        # The key or index of each open mapping or list, outermost first: problems' paths.
+        self.trail: list[str | int] = []
+        self.scalars: dict[str, object] = {}  # plain scalar text → its value, or _Refused
+        self.quoted: dict[str, str] = {}
+        self.key_tags: dict[str, str] = {}  # plain key text → its resolved tag
+        self.constructor: SafeConstructor | None = None
+
+    def document(self) -> Document:
+        self.next()  # stream start
+        event = self.next()
+        if type(event) is StreamEndEvent:
+            return Document(None, [], True, 0)
+        root = self.value(self.next(), self.depth, 0)
+        self.next()  # document end
+        if type(self.next()) is not StreamEndEvent:
+            raise _NotPlain  # a second document: the composer words that error
+        return Document(root, self.problems, True, self.count)
+
+    def value(self, event: Any, depth: int, key_line: int) -> Item:
+        """The value that starts with ``event``, with everything in it."""
+        if depth > MAX_DEPTH:
+            raise _NotPlain
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise _NotPlain
+        kind = type(event)
+        if kind is ScalarEvent:
+            return self.scalar(event, key_line)
+        if event.anchor is not None or event.tag is not None:
+            raise _NotPlain
+        line = event.start_mark.line + self.line_offset
+        if kind is MappingStartEvent:
+            return Item(self.mapping(depth + 1), line, key_line)
+        if kind is SequenceStartEvent:
+            return Item(self.sequence(depth + 1), line, key_line)
+        raise _NotPlain  # an alias
+
+    def sequence(self, depth: int) -> list[Item]:
+        items: list[Item] = []
+        trail = self.trail
+        level = len(trail)
+        stream = self.stream
+        take = stream.take if stream is not None and trail == [stream.key] else None
+        trail.append(0)
+        event = self.next()
+        while type(event) is not SequenceEndEvent:
+            index = trail[level] = len(items)
+            item = self.value(event, depth, 0)
+            items.append(item if take is None else take(item, index))
+            event = self.next()
+        trail.pop()
+        return items
+
+    def mapping(self, depth: int) -> dict[str, Item]:
+        """A mapping's pairs; a refused key has its value skipped, as ``_Builder`` does."""
+        items: dict[str, Item] = {}
+        trail = self.trail
+        level = len(trail)
+        trail.append("")
+        event = self.next()
+        while type(event) is not MappingEndEvent:
+            line = event.start_mark.line + self.line_offset
+            key = self.key(event, line, items, level)
+            event = self.next()
+            if key is None:
+                self.skip(event)
+            elif type(event) is ScalarEvent and depth <= MAX_DEPTH and self.count < MAX_VALUES:
+                # The commonest value by far, read here rather than through value().
+                self.count += 1
+                trail[level] = key
+                items[key] = self.scalar(event, line)
+            else:
+                trail[level] = key
+                items[key] = self.value(event, depth, line)
+            event = self.next()
+        trail.pop()
+        return items
+
+    def key(self, event: Any, line: int, items: dict[str, Item], level: int) -> str | None:
+        kind = type(event)
+        if kind is not ScalarEvent:
+            if kind is not SequenceStartEvent and kind is not MappingStartEvent:
+                raise _NotPlain  # an alias
+            what = "a list" if kind is SequenceStartEvent else "a mapping"
+            self.problem(
+                line, self.path(level) or "(top level)", f"keys must be plain strings, not {what}"
+            )
+            self.skip(event)
+            return None
+        if event.anchor is not None or event.tag is not None:
+            raise _NotPlain
+        text: str = event.value
+        tag = _STR_TAG
+        if event.implicit[0]:
+            tag = self.key_tags.get(text) or self.key_tags.setdefault(
+                text, self.resolve(ScalarNode, text, event.implicit)
+            )
+        if tag == _MERGE_TAG:
+            raise _NotPlain
+        if tag != _STR_TAG:
+            where = self.path(level) or "(top level)"
+            self.problem(line, where, f"key {text!r} reads as {_tag(tag)}, not a string")
+            return None
+        if text in items:
+            path = self.path(level)
+            first = items[text].key_line
+            self.problem(
+                line,
+                f"{path}.{text}" if path else text,
+                f"duplicate key (first given on line {first})",
+            )
+            return None
+        return text
+
+    def scalar(self, event: Any, key_line: int) -> Item:
+        if event.anchor is not None or event.tag is not None:
+            raise _NotPlain
+        text: str = event.value
+        line = event.start_mark.line + self.line_offset
+        if not event.implicit[0]:
+            # Quoted: always a string. Equal strings are shared: a Listener keeps some.
+            return Item(self.quoted.setdefault(text, text), line, key_line)
+        value = self.scalars.get(text, _UNSEEN)
+        if value is _UNSEEN:
+            value = self.scalars[text] = self.construct(text, event.implicit)
+        if type(value) is _Refused:
+            self.problem(line, self.path(len(self.trail)), value.message)
+            return Item(INVALID, line, key_line)
+        return Item(value, line, key_line)
+
+    def construct(self, text: str, implicit: tuple[bool, bool]) -> object:
+        tag = self.resolve(ScalarNode, text, implicit)
+        if tag == _STR_TAG:
+            return text
+        if tag not in _SCALAR_TAGS:
+            return _Refused(f"unsupported tag {_tag(tag)}")
+        if self.constructor is None:
+            self.constructor = SafeConstructor()
+        try:
+            return self.constructor.construct_object(ScalarNode(tag, text), deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, KeyError, OverflowError):
+            return _Refused(f"{text!r} is not a valid {_tag(tag)}")
+
+    def skip(self, event: Any) -> None:
+        """Read past the value that starts with ``event``, as ``_Builder`` never looks at it."""
+        level = 0
+        while True:
+            kind = type(event)
+            if kind is SequenceEndEvent or kind is MappingEndEvent:
+                level -= 1
+            elif event.anchor is not None or getattr(event, "tag", None) is not None:
+                raise _NotPlain  # an anchor or tag another part may rely on
+            elif kind is SequenceStartEvent or kind is MappingStartEvent:
+                level += 1
+            elif kind is not ScalarEvent:
+                raise _NotPlain  # an alias, which may be undefined
+            if level == 0:
+                return
+            event = self.next()
+
+    def problem(self, line: int, path: str, message: str) -> None:
+        self.problems.append(Problem(self.source, line, path, message))
+
+    def path(self, levels: int) -> str:
+        """The key path, as ``_Builder`` spells it, of what the first ``levels`` levels hold."""
+        path = ""
+        for part in self.trail[:levels]:
+            if isinstance(part, int):
+                path = f"{path}[{part}]"
+            else:
+                path = f"{path}.{part}" if path else part
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a block sequence's entries lie in the text
+
+
+@dataclass(frozen=True, slots=True)
+class Entries:
+    """The entries of a block sequence, as lines of text.
+
+    Each entry starts on a line that holds its ``-`` at ``column``, after spaces only, and runs
+    until the next such line; its other lines are more indented, blank or comments. ``starts``
+    holds the offset of each entry's first line, and ``end`` that of the first line after the
+    last entry (a line less indented, or at ``column`` with no ``-``) or the text's length.
+    """
+
+    column: int
+    starts: list[int]
+    end: int
+
+
+@lru_cache(maxsize=16)
+def _layout(column: int) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The patterns of the line break before an entry's first line, and before a line that is
+    in no entry. Each starts with a line break, which the regex engine finds fast."""
+    dash = f" {{{column}}}-(?:[ \\n]|\\Z)"
+    first = re.compile(f"\\n(?={dash})")
+    outside = re.compile(f"\\n(?! {{{column + 1}}}| *(?:[#\\n]|\\Z)|{dash})")
+    return first, outside
+
+
+def block_entries(
+    text: str, start: int, end: int | None = None, *, column: int | None = None
+) -> Entries | None:
+    """The entries of a block sequence whose first entry starts on the line at ``start``.
+
+    Reads lines only, never YAML: the caller checks that the parser agrees. ``None`` when the
+    line at ``start`` does not start an entry (at ``column``, if given), or when ``end`` is
+    given and a line before it is in no entry. ``text`` must be ``lines_only``.
+    """
+    line_end = text.find("\n", start)
+    line = text[start : len(text) if line_end < 0 else line_end]
+    indent = len(line) - len(line.lstrip(" "))
+    if line[indent : indent + 1] != "-" or line[indent + 1 : indent + 2] not in ("", " "):
+        return None
+    if column is not None and indent != column:
+        return None
+    first, outside = _layout(indent)
+    limit = len(text) if end is None else end
+    stop = outside.search(text, start, limit)
+    if stop is not None:
+        if end is not None:
+            return None
+        limit = stop.start() + 1
+    starts = [start, *(match.start() + 1 for match in first.finditer(text, start, limit))]
+    return Entries(indent, starts, limit)
+
+
+def lines_only(text: str) -> bool:
+    """True when ``\\n`` is the only line break in ``text``, as libyaml reads it."""
+    return not any(mark in text for mark in _OTHER_BREAKS)
