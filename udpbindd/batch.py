@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from udpbindd.guard import Guard, Verdict
-from udpbindd.respond import Reply
+from udpbindd.respond import Reply, echo_reply
 from udpbindd.sockets import ICMP_ERRNOS, read_error_queue, reply_source
 from udpbindd.stats import Stats
 
@@ -32,6 +32,8 @@ SLOT_SIZE = 65536
 DRAIN_BUDGET = 64
 # sockaddr_storage: room for any peer address the kernel can hand back.
 NAME_SIZE = 128
+_NAME_WORDS = NAME_SIZE // 8
+_SOCKADDR_IN = 16  # the size of an IPv4 peer's address
 # One IP_PKTINFO (32 bytes with its header) or IPV6_PKTINFO (40) control message, rounded up.
 CONTROL_SIZE = 64
 # Each sendmmsg that returns short is retried from the next datagram; EINTR at most this often.
@@ -151,6 +153,7 @@ class Batch:
         self._slot_addr = [base + i * SLOT_SIZE for i in range(size)]
         self._names = bytearray(size * NAME_SIZE)
         self._names_view = memoryview(self._names)
+        self._name_words = self._names_view.cast("Q")
         names = ctypes.addressof(ctypes.c_char.from_buffer(self._names))
         self._name_addr = [names + i * NAME_SIZE for i in range(size)]
         self._controls = bytearray(size * CONTROL_SIZE)
@@ -305,11 +308,15 @@ class Batch:
         an earlier datagram of the batch went unanswered.
         """
         rlen, rnamelen, slots = self._rlen, self._rnamelen, self._slots
-        snamelen, siov_len, names = self._snamelen, self._siov_len, self._names_view
+        snamelen, siov_len = self._snamelen, self._siov_len
+        names, name_words = self._names_view, self._name_words
         chance = random.random  # simulated loss needs no cryptographic randomness
         now = time.monotonic_ns() if guard is not None else 0
-        checks_replies = guard is not None and guard.checks_replies
-        name = b""
+        # The guard that judges replies too (their size), if any.
+        judge = guard if guard is not None and guard.checks_replies else None
+        # Echo answers with the request itself, already in the slot sendmmsg reads.
+        in_place = reply is echo_reply
+        name: bytes | int = b""
         received_bytes = sent_bytes = dropped = answers = 0
         for i in range(got):
             n = rlen[i]
@@ -317,8 +324,14 @@ class Batch:
             if guard is not None:
                 # Judged by the raw peer name: decoding it to text costs more than the rest
                 # of the datagram's work together, and the guard needs that only once a peer.
-                start = i * NAME_SIZE
-                name = names[start : start + rnamelen[i]].tobytes()
+                # An IPv4 peer's family, port and address are the first 8 bytes of its
+                # sockaddr_in: one machine word, read as an int.
+                length = rnamelen[i]
+                if length == _SOCKADDR_IN:
+                    name = name_words[i * _NAME_WORDS]
+                else:
+                    start = i * NAME_SIZE
+                    name = names[start : start + length].tobytes()
                 verdict = guard.check_name(name, now, _host_port)
                 if verdict is not None:
                     stats.refused(verdict)
@@ -326,21 +339,12 @@ class Batch:
             if drop_rate and chance() < drop_rate:
                 dropped += 1
                 continue
-            slot = slots[i]
-            data = reply(slot, n)
-            if data is None:
-                continue
-            size = len(data)
-            if checks_replies and not guard.reply_ok_name(name, n, size):  # type: ignore[union-attr]
-                stats.refused(Verdict.REFLECTION)
-                continue
-            if size > SLOT_SIZE:
-                # Larger than any UDP datagram: the kernel would refuse it (EMSGSIZE).
-                stats.send_errors += 1
-                continue
-            # A memoryview assignment is a memmove: a reply that is a slice of its own
-            # request (echo) may overlap the place it is copied to.
-            slot[:size] = data
+            if in_place:
+                size = n
+            else:
+                size = self._place(slots[i], n, reply, stats, judge=judge, name=name)
+                if size < 0:
+                    continue
             if answers != i:
                 self._sname[answers] = self._name_addr[i]
                 self._siov_base[answers] = self._slot_addr[i]
@@ -358,6 +362,37 @@ class Batch:
         stats.received_bytes += received_bytes
         stats.dropped_simulated += dropped
         return answers, sent_bytes
+
+    @staticmethod
+    def _place(
+        slot: memoryview,
+        n: int,
+        reply: Reply,
+        stats: Stats,
+        *,
+        judge: Guard | None,
+        name: bytes | int,
+    ) -> int:
+        """Write the reply to the ``n``-byte request in ``slot`` over it; return its size.
+
+        -1 when there is none to send: the responder gave none, the guard ``judge`` refused
+        its size (counted), or it is larger than any datagram (counted as a send error).
+        """
+        data = reply(slot, n)
+        if data is None:
+            return -1
+        size = len(data)
+        if judge is not None and not judge.reply_ok_name(name, n, size):
+            stats.refused(Verdict.REFLECTION)
+            return -1
+        if size > SLOT_SIZE:
+            # Larger than any UDP datagram: the kernel would refuse it (EMSGSIZE).
+            stats.send_errors += 1
+            return -1
+        # A memoryview assignment is a memmove: a reply that is a slice of its own request
+        # may overlap the place it is copied to.
+        slot[:size] = data
+        return size
 
     def _attach_control(self, j: int, i: int) -> None:
         """Make reply ``j`` leave from the address request ``i`` was sent to (its packet info).
@@ -436,7 +471,12 @@ def unpack_peer(name: bytes) -> Address:
     return (socket.inet_ntop(socket.AF_INET, name[4:8]), port)
 
 
-def _host_port(name: bytes) -> tuple[str, int]:
-    """What the guard judges a peer by: its address text and port."""
+def _host_port(name: bytes | int) -> tuple[str, int]:
+    """What the guard judges a peer by: its address text and port.
+
+    ``name`` is the raw sockaddr, or for IPv4 its first 8 bytes as a native int.
+    """
+    if isinstance(name, int):
+        name = name.to_bytes(8, sys.byteorder)
     peer = unpack_peer(name)
     return peer[0], peer[1]

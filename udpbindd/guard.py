@@ -15,6 +15,7 @@ import weakref
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from udpbindd.config import Listener, Network, RateLimit, ReflectionPolicy, Responder
 
@@ -312,8 +313,8 @@ class Guard:
         self._cache: dict[str, int] = {}
         # The same verdicts by raw peer name (a sockaddr as the batched path receives it:
         # address and port), and whether that peer is IPv4 on the wire, as "." in its text.
-        self._by_name: dict[bytes, int] = {}
-        self._wire_v4: dict[bytes, bool] = {}
+        self._by_name: dict[bytes | int, int] = {}
+        self._wire_v4: dict[bytes | int, bool] = {}
         # A kept limiter's earlier evictions were reported by the guard that had it before.
         self._reported = 0 if limiter is None else limiter.evictions
 
@@ -334,13 +335,14 @@ class Guard:
         return None
 
     def check_name(
-        self, name: bytes, now: int, decode: Callable[[bytes], tuple[str, int]]
+        self, name: bytes | int, now: int, decode: Callable[[Any], tuple[str, int]]
     ) -> Verdict | None:
         """``check`` for a peer given as its raw socket address ``name`` (the batched path).
 
-        ``decode`` turns ``name`` into (host, port) as recvfrom would give them; it is called
-        only the first time a name is seen, so a known peer costs one dict lookup, as a known
-        host does in ``check``. The verdicts are those of ``check``.
+        ``name`` is any key that identifies one peer (the caller's encoding of its sockaddr:
+        bytes, or an int). ``decode`` turns it into (host, port) as recvfrom would give them;
+        it is called only the first time a name is seen, so a known peer costs one dict
+        lookup, as a known host does in ``check``. The verdicts are those of ``check``.
         """
         entry = self._by_name.get(name)
         if entry is None:
@@ -352,7 +354,7 @@ class Guard:
             return Verdict.RATE_LIMITED
         return None
 
-    def _learn_name(self, name: bytes, decode: Callable[[bytes], tuple[str, int]]) -> int:
+    def _learn_name(self, name: bytes | int, decode: Callable[[Any], tuple[str, int]]) -> int:
         host, port = decode(name)
         entry = self._cache.get(host)
         if entry is None:
@@ -367,7 +369,7 @@ class Guard:
         wire_v4[name] = "." in host
         return entry
 
-    def reply_ok_name(self, name: bytes, request_len: int, reply_len: int) -> bool:
+    def reply_ok_name(self, name: bytes | int, request_len: int, reply_len: int) -> bool:
         """``reply_ok`` for a peer ``check_name`` has just judged (and so remembers)."""
         factor = self._factor
         if not factor:
