@@ -1608,7 +1608,7 @@ def outcome(text: str) -> Config | list[str]:
 def reloaded(text: str) -> Config | list[str]:
     """What load() gives for the text, reusing what it read last time where it can."""
     try:
-        return config._load_text(text, SOURCE)
+        return config.REREADER.load(text, SOURCE)
     except ConfigError as error:
         return [str(problem) for problem in error.problems]
 
@@ -1629,7 +1629,7 @@ def listeners_text(entries: list[str]) -> str:
 @pytest.fixture
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     """No previous load to reuse, before or after the test."""
-    monkeypatch.setattr(config, "_last", None)
+    monkeypatch.setattr(config.REREADER, "last", None)
 
 
 @pytest.mark.usefixtures("fresh")
@@ -1650,7 +1650,7 @@ def test_a_reload_reads_only_what_changed(entry: Callable[..., str], change: str
     entries = [make(index) for index in range(6)]
     first = listeners_text(entries)
     assert isinstance(reloaded(first), Config)
-    snapshot = config._last
+    snapshot = config.REREADER.last
     assert snapshot is not None
     edited = list(entries)
     if change == "responder":
@@ -1664,7 +1664,7 @@ def test_a_reload_reads_only_what_changed(entry: Callable[..., str], change: str
     elif change == "comment":
         edited[1] += "    # why l1 is here\n"
     text = listeners_text(edited)
-    reuse = config._reuse(snapshot, text)
+    reuse = config.REREADER.reuse(snapshot, text)
     assert reuse is not None
     assert reuse.config == outcome(text)
     # A listener before the change is the very object read last time.
@@ -1704,9 +1704,9 @@ def test_a_reload_reads_only_what_changed(entry: Callable[..., str], change: str
 )
 def test_a_reload_reads_the_whole_file_when_it_must(before: str, after: str) -> None:
     reloaded(before)
-    snapshot = config._last
+    snapshot = config.REREADER.last
     assert snapshot is not None
-    assert config._reuse(snapshot, after) is None
+    assert config.REREADER.reuse(snapshot, after) is None
     assert reloaded(after) == outcome(after)
 
 
@@ -1722,7 +1722,7 @@ def test_a_reload_reads_the_whole_file_when_it_must(before: str, after: str) -> 
 )
 def test_nothing_is_kept_for_a_file_a_reload_cannot_reuse(text: str) -> None:
     assert isinstance(reloaded(text), Config)
-    assert config._last is None
+    assert config.REREADER.last is None
 
 
 # Lines an edit may write (indented for a list at column 2; moved to the file's column):
@@ -1835,22 +1835,22 @@ def edits(draw: st.DrawFn, text: str, indent: str) -> str:
 @settings(max_examples=600, deadline=None)
 @given(st.data())
 def test_a_reload_gives_what_a_full_read_gives(data: st.DataObject) -> None:
-    saved = config._last
-    config._last = None
+    saved = config.REREADER.last
+    config.REREADER.last = None
     try:
         text, indent = data.draw(configs())
         assert isinstance(reloaded(text), Config), text
         for _ in range(data.draw(st.integers(1, 4))):
             text = data.draw(edits(text, indent))
-            snapshot = config._last
+            snapshot = config.REREADER.last
             expected = outcome(text)
             if snapshot is not None:
-                reuse = config._reuse(snapshot, text)
+                reuse = config.REREADER.reuse(snapshot, text)
                 if reuse is not None:
                     assert reuse.config == expected, text
             assert reloaded(text) == expected, text
     finally:
-        config._last = saved
+        config.REREADER.last = saved
 
 
 def unstreamed(text: str) -> Config | list[str]:

@@ -18,29 +18,22 @@ import ipaddress
 import math
 import re
 import socket
-import zlib
-from array import array
-from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from udpbindd.gcpause import collection_paused
 from udpbindd.names import IPV6_ANY, IPAddress, address_text
+from udpbindd.reread import Rereader
 from udpbindd.yamlsrc import (
     INVALID,
-    MAX_VALUES,
     Document,
-    Entries,
     Item,
     Problem,
     Stream,
-    block_entries,
-    lines_only,
     read,
-    read_plain,
 )
 
 DEFAULT_PATH = Path("/etc/udpbindd/udpbindd.yaml")
@@ -300,7 +293,7 @@ def load(path: Path) -> Config:
         raise ConfigError([Problem(source, 0, "", f"larger than {MAX_FILE_BYTES} bytes")])
     text = _decode(data, source)
     with collection_paused():
-        return _load_text(text, source)
+        return REREADER.load(text, source)
 
 
 def load_default() -> Config:
@@ -359,243 +352,15 @@ def _read(text: str, source: str) -> tuple[Document, Config]:
     return document, config
 
 
-# ---------------------------------------------------------------------------------------------
-# Reloads: only the listener entries whose text changed are read again
+def _read_listener(source: str, item: Item, path: str) -> Listener | None:
+    """One listener entry read on its own; ``None`` if it has any problem."""
+    checker = _Checker(source, [])
+    listener = checker.listener(item, path)
+    return None if checker.problems else listener
 
 
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    """The last file ``load`` read and found valid, kept for the next reload of that file.
-
-    Kept only for a plain document (see ``yamlsrc.Document``) whose listeners are a block
-    sequence, one entry per ``-`` line, and whose text has no line breaks but ``\\n``.
-    ``starts`` and ``end`` are the listener entries' places in the text (``Entries``);
-    ``values`` is at least the number of values in the file.
-    """
-
-    source: str
-    packed: bytes  # the text, compressed: about a twentieth of its size
-    column: int
-    starts: array[int]
-    end: int
-    values: int
-    config: Config
-
-
-@dataclass(frozen=True, slots=True)
-class _Reuse:
-    config: Config
-    snapshot: _Snapshot
-
-
-_last: _Snapshot | None = None
-
-
-def _load_text(text: str, source: str) -> Config:
-    """``parse_text``, but when the file was loaded before, reads again only what changed.
-
-    Falls back to reading the whole file for anything unusual: a change outside the list of
-    listeners, an anchor, alias, tag or merge key, a problem anywhere, a layout other than a
-    block sequence. The result is always the one ``parse_text`` gives.
-    """
-    global _last  # noqa: PLW0603 - one snapshot, swapped whole
-    previous = _last
-    if previous is not None and previous.source == source:
-        reused = _reuse(previous, text)
-        if reused is not None:
-            _last = reused.snapshot
-            return reused.config
-    document, config = _read(text, source)
-    _last = _snapshot(text, source, document, config)
-    return config
-
-
-def _snapshot(text: str, source: str, document: Document, config: Config) -> _Snapshot | None:
-    """What the next reload needs of this load, or ``None`` if it cannot reuse anything."""
-    root = document.root
-    if not document.plain or root is None or not config.listeners or not lines_only(text):
-        return None
-    listeners = root.value["listeners"]  # type: ignore[index]
-    entries = block_entries(text, _line_start(text, listeners.line))
-    if entries is None or not _entries_agree(text, entries, listeners.value):
-        return None
-    # Every entry but the last ends where the next one's "-" starts; make sure the last ends
-    # before the lines that follow it, so that a new entry after it cannot change it.
-    last = entries.starts[-1]
-    alone = read_plain(text[last : entries.end], source, first_line=_line_of(text, last), depth=1)
-    if alone is None or alone.problems:
-        return None
-    return _Snapshot(
-        source,
-        zlib.compress(text.encode(), 1),
-        entries.column,
-        array("q", entries.starts),
-        entries.end,
-        document.values,
-        config,
-    )
-
-
-def _entries_agree(text: str, entries: Entries, items: list[Item]) -> bool:
-    """True when the parser found exactly these entries: one per group of lines, each
-    starting within its own group."""
-    if len(items) != len(entries.starts):
-        return False
-    bounds = [*entries.starts, entries.end]
-    line = _line_of(text, bounds[0])
-    for index, item in enumerate(items):
-        following = line + text.count("\n", bounds[index], bounds[index + 1])
-        if not line <= item.line < max(following, line + 1):
-            return False
-        line = following
-    return True
-
-
-def _reuse(previous: _Snapshot, text: str) -> _Reuse | None:
-    """The configuration of ``text``, from ``previous`` and the entries that changed in it.
-
-    ``None`` when that needs more than reading those entries again. The unchanged text before
-    and after the changed entries is the very text the previous load read; each changed
-    entry is read alone and must end where its lines end, so it means the same in the file.
-    """
-    old = zlib.decompress(previous.packed).decode()
-    if text == old:
-        return _Reuse(previous.config, previous)
-    if not lines_only(text):
-        return None
-    starts, end = previous.starts, previous.end
-    same_head = _common_prefix(old, text)
-    same_tail = _common_suffix(old, text, min(len(old), len(text)) - same_head)
-    if same_head < starts[0] or len(old) - same_tail > end:
-        return None  # a change outside the listeners
-    # The old text's changed lines are [changed, unchanged): whole lines, which entries hold.
-    changed = old.rfind("\n", 0, same_head) + 1
-    unchanged = _next_line(old, len(old) - same_tail)
-    # Read again the entries that hold those lines, and the one whose last line precedes
-    # them: lines added at its end belong to it.
-    first = max(bisect_right(starts, changed - 1) - 1, 0)
-    last = max(bisect_right(starts, max(unchanged, changed) - 1) - 1, first)
-    old_stop = starts[last + 1] if last + 1 < len(starts) else end
-    shift = len(text) - len(old)
-    new_stop = old_stop + shift
-    if new_stop < len(text) and text[new_stop - 1] != "\n":
-        return None
-    begin = starts[first]
-    read_again: list[Listener] = []
-    values = previous.values
-    new_starts: list[int] = []
-    if new_stop > begin:
-        entries = _read_entries(text, begin, new_stop, previous, first)
-        if entries is None:
-            return None
-        read_again, new_starts, count = entries
-        values += count
-    kept = previous.config.listeners
-    lines = text.count("\n", begin, new_stop) - old.count("\n", begin, old_stop)
-    after = kept[last + 1 :]
-    if lines:
-        after = tuple(replace(listener, line=listener.line + lines) for listener in after)
-    listeners = (*kept[:first], *read_again, *after)
-    if not listeners or values > MAX_VALUES:
-        return None
-    if len({listener.name for listener in listeners}) != len(listeners):
-        return None  # a duplicate name: the full read words it
-    snapshot = _Snapshot(
-        previous.source,
-        zlib.compress(text.encode(), 1),
-        previous.column,
-        array(
-            "q", [*starts[:first], *new_starts, *(start + shift for start in starts[last + 1 :])]
-        ),
-        end + shift,
-        values,
-        replace(previous.config, listeners=listeners),
-    )
-    return _Reuse(snapshot.config, snapshot)
-
-
-def _read_entries(
-    text: str, begin: int, stop: int, previous: _Snapshot, first: int
-) -> tuple[list[Listener], list[int], int] | None:
-    """The listeners written in ``text[begin:stop]``, each a whole entry, where they start,
-    and how many values they hold; ``None`` if any of them has a problem."""
-    entries = block_entries(text, begin, stop, column=previous.column)
-    if entries is None:
-        return None
-    document = read_plain(
-        text[begin:stop], previous.source, first_line=_line_of(text, begin), depth=1
-    )
-    if document is None or document.problems or document.root is None:
-        return None
-    items = document.root.value
-    if not isinstance(items, list) or not _entries_agree(text, entries, items):
-        return None
-    checker = _Checker(previous.source, [])
-    listeners = []
-    for index, item in enumerate(items):
-        listener = checker.listener(item, f"listeners[{first + index}]")
-        if listener is None or checker.problems:
-            return None
-        listeners.append(listener)
-    return listeners, entries.starts, document.values
-
-
-def _next_line(text: str, offset: int) -> int:
-    """The offset of the first line that starts at or after ``offset``."""
-    if offset == 0 or text[offset - 1] == "\n":
-        return offset
-    found = text.find("\n", offset)
-    return len(text) if found < 0 else found + 1
-
-
-def _line_of(text: str, offset: int) -> int:
-    """The 1-based line ``offset`` is on."""
-    return text.count("\n", 0, offset) + 1
-
-
-def _line_start(text: str, line: int) -> int:
-    """The offset of the 1-based ``line``."""
-    offset = 0
-    for _ in range(line - 1):
-        offset = text.index("\n", offset) + 1
-    return offset
-
-
-_CHUNK = 4096
-
-
-def _common_prefix(a: str, b: str) -> int:
-    """The length of the longest text both ``a`` and ``b`` start with."""
-    size = min(len(a), len(b))
-    low = 0
-    while low < size and a[low : low + _CHUNK] == b[low : low + _CHUNK]:
-        low += _CHUNK
-    high = min(low + _CHUNK, size)
-    while low < high:  # a[:low] == b[:low], and they differ before high (or high is size)
-        middle = (low + high + 1) // 2
-        if a[low:middle] == b[low:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return min(low, size)
-
-
-def _common_suffix(a: str, b: str, limit: int) -> int:
-    """The length, at most ``limit``, of the longest text both ``a`` and ``b`` end with."""
-    low, high = 0, limit
-    while low < limit:
-        step = min(_CHUNK, limit - low)
-        if a[len(a) - low - step : len(a) - low] != b[len(b) - low - step : len(b) - low]:
-            high = low + step
-            break
-        low += step
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[len(a) - middle : len(a) - low] == b[len(b) - middle : len(b) - low]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+# What ``load`` read last, so that a reload of the same file reads only what changed in it.
+REREADER = Rereader(_read, _read_listener)
 
 
 # ---------------------------------------------------------------------------------------------
