@@ -408,7 +408,7 @@ def run_peers(
             log = work / f"{server.key}-{round_}.log"
             with running(command, log) as proc:
                 wait_answering(port, proc)
-                for scenario in SCENARIOS:
+                for scenario in args.scenarios:
                     before = kernel_drops(range(port, port + 1))
                     cpu = cpu_ns(proc.pid)
                     result = load(build, port, args, size=scenario.size, window=scenario.window)
@@ -419,7 +419,7 @@ def run_peers(
                     results.add(server.key, scenario.key, result)
             print(
                 f"  round {round_ + 1}/{args.rounds} {server.key:9s} "
-                + " ".join(_short(s, results.runs[server.key][s.key][-1]) for s in SCENARIOS),
+                + " ".join(_short(s, results.runs[server.key][s.key][-1]) for s in args.scenarios),
                 file=sys.stderr,
                 flush=True,
             )
@@ -432,10 +432,12 @@ def _short(scenario: Scenario, result: dict[str, Any]) -> str:
     return f"{scenario.key}={result['p50_us']:.1f}us"
 
 
-def peer_table(contenders: list[Server], results: Results) -> list[str]:
+def peer_table(
+    contenders: list[Server], results: Results, scenarios: tuple[Scenario, ...] = SCENARIOS
+) -> list[str]:
     head = "| server |"
     rule = "|---|"
-    for scenario in SCENARIOS:
+    for scenario in scenarios:
         unit = "k replies/s" if scenario.metric == "rate" else "µs"
         head += f" {scenario.label}: {unit} | ratio to C |"
         rule += "---:|---:|"
@@ -447,7 +449,7 @@ def peer_table(contenders: list[Server], results: Results) -> list[str]:
             lines.append(f"| {server.label} | skipped: {server.skipped} |")
             continue
         row = f"| {server.label} |"
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             values = results.values(server.key, scenario)
             ratio = results.ratio(server.key, scenario)
             if not values:
@@ -456,16 +458,18 @@ def peer_table(contenders: list[Server], results: Results) -> list[str]:
             median = statistics.median(values)
             figure = f"{median / 1000:.1f}" if scenario.metric == "rate" else f"{median:.1f}"
             row += f" {figure} | {'-' if ratio is None else f'{ratio:.2f}'} |"
-        drops = sum(results.drops(server.key, s) for s in SCENARIOS)
-        lost = sum(results.lost(server.key, s) for s in SCENARIOS)
+        drops = sum(results.drops(server.key, s) for s in scenarios)
+        lost = sum(results.lost(server.key, s) for s in scenarios)
         row += f" {drops} / {lost} |"
         lines.append(row)
     return lines
 
 
-def cpu_table(contenders: list[Server], results: Results) -> list[str]:
+def cpu_table(
+    contenders: list[Server], results: Results, scenarios: tuple[Scenario, ...] = SCENARIOS
+) -> list[str]:
     """Server CPU time per reply: the efficiency behind each rate, robust to a busy host."""
-    rated = [s for s in SCENARIOS if s.metric == "rate"]
+    rated = [s for s in scenarios if s.metric == "rate"]
     head = "| server (CPU per reply) |" + "".join(f" {s.label}: µs | C / this |" for s in rated)
     lines = [head, "|---|" + "---:|---:|" * len(rated)]
     for server in contenders:
@@ -635,6 +639,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listeners", type=int, help="listeners of the many-listener test")
     parser.add_argument("--json", type=Path, help="also write every raw result here")
     parser.add_argument("--no-install", action="store_true", help="never pip/apt-install peers")
+    keys = ", ".join(scenario.key for scenario in SCENARIOS)
+    parser.add_argument(
+        "--only", metavar="SCENARIOS", help=f"run only these (comma-separated: {keys})"
+    )
+    parser.add_argument(
+        "--servers",
+        metavar="KEYS",
+        help="run only these servers (comma-separated keys; c_ref, the reference, always runs)",
+    )
+    parser.add_argument(
+        "--no-many", dest="many", action="store_false", help="skip the many-listeners figures"
+    )
     parser.add_argument(
         "--let-cpu-sleep",
         dest="keep_awake",
@@ -671,6 +687,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    wanted = set(args.only.split(",")) if args.only else {s.key for s in SCENARIOS}
+    unknown = wanted - {s.key for s in SCENARIOS}
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))} (known: {keys})")
+    args.scenarios = tuple(s for s in SCENARIOS if s.key in wanted)
+    args.servers = {"c_ref", *args.servers.split(",")} if args.servers else set()
     args.pin = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     args.keep_awake = args.keep_awake and args.pin
     return args
@@ -683,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="udpbindd-bench-") as temp:
         work = Path(temp)
         build_c(work)
-        contenders = servers(work)
+        contenders = [s for s in servers(work) if not args.servers or s.key in args.servers]
         install = not args.no_install
         for server in contenders:
             if server.key == "uvloop":
@@ -692,12 +714,12 @@ def main(argv: list[str] | None = None) -> int:
                 server.skipped = ensure_sockperf(install)
         with kept_awake(SERVER_CPU, args.keep_awake, work):
             results = run_peers(contenders, work, work, args)
-            many = run_many(work, work, args)
+            many = run_many(work, work, args) if args.many else None
     about["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     about["seconds"] = round(time.monotonic() - began, 1)
     report(about, contenders, results, many, args)
     if args.json:
-        raw = {"machine": about, "peers": results.runs, "many": many.__dict__}
+        raw = {"machine": about, "peers": results.runs, "many": many and many.__dict__}
         args.json.write_text(json.dumps(raw, indent=1))
     return 0
 
@@ -706,7 +728,7 @@ def report(
     about: dict[str, Any],
     contenders: list[Server],
     results: Results,
-    many: Many,
+    many: Many | None,
     args: argparse.Namespace,
 ) -> None:
     pin = (
@@ -728,14 +750,16 @@ def report(
     if args.smoke:
         print("SMOKE RUN: tiny counts, the numbers mean nothing.")
     print()
-    print("\n".join(peer_table(contenders, results)))
-    print()
-    print("\n".join(cpu_table(contenders, results)))
+    print("\n".join(peer_table(contenders, results, args.scenarios)))
+    if any(scenario.metric == "rate" for scenario in args.scenarios):
+        print()
+        print("\n".join(cpu_table(contenders, results, args.scenarios)))
     notes = [f"- {s.label}: {s.note}" for s in contenders if s.note and not s.skipped]
     if notes:
         print("\n".join(["", *notes]))
-    print()
-    print("\n".join(many_table(many)))
+    if many is not None:
+        print()
+        print("\n".join(many_table(many)))
 
 
 if __name__ == "__main__":
