@@ -64,3 +64,40 @@ def test_smoke_run_prints_every_row() -> None:
         "udpbindd daemon, io: plain: 64 B x64 over 100 ports",
     ):
         assert figure in out, figure
+
+
+@pytest.mark.slow
+def test_one_scenario_for_a_few_servers() -> None:
+    require(shutil.which("cc") is not None, "no C compiler (cc) to build the load generator")
+    require(shutil.which("taskset") is not None, "taskset (util-linux) is missing")
+    command = ["--smoke", "--only", "pingpong", "--servers", "plain", "--no-many"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), *command],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| server | ping-pong 64 B (median RTT): µs | ratio to C |")
+    labels = [row.split("|")[1].strip() for row in rows[1:]]
+    # The reference always runs: the ratios are to it.
+    assert labels == ["C reference echo (recvmmsg/sendmmsg)", "udpbindd daemon, io: plain"]
+    assert "start to READY" not in done.stdout
+    assert "CPU per reply" not in done.stdout  # no rate scenario ran
+
+
+def test_an_unknown_scenario_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--only", "pingpong,nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "unknown scenario(s): nope" in done.stderr
