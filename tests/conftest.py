@@ -1,4 +1,5 @@
-"""Shared fixtures: free ports, config files, captured log events, the loop's I/O path."""
+"""Shared fixtures and helpers: free ports, config files, captured log events, the loop's I/O
+path, bounded waits, and a notifier that records what it would tell systemd."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from udpbindd import batch
 from udpbindd.config import IOMode
+from udpbindd.systemd import Notifier
 
 IN_CI = os.environ.get("CI") == "true"
+# How long a test waits for something the code under test should do at once.
+WAIT = 10.0
 # How the in-process daemons of the running test move datagrams (set by ``io_mode``).
 IO = {"mode": IOMode.BATCHED}
 
@@ -50,6 +55,34 @@ def io_path(mode: IOMode) -> Iterator[None]:
         yield
     finally:
         IO["mode"] = IOMode.BATCHED
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline: float = WAIT) -> None:
+    """Poll ``condition`` until it holds; fail after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class RecordingNotifier(Notifier):
+    """A Notifier that records what it would send to systemd."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.sent: list[tuple[str, ...]] = []
+
+    def send(self, *fields: str) -> None:
+        self.sent.append(fields)
+
+    def count(self, field: str) -> int:
+        """How many messages held exactly ``field`` (e.g. ``READY=1``)."""
+        return sum(1 for fields in self.sent if field in fields)
+
+    def fields(self) -> list[set[str]]:
+        """The names of the fields of each message, in order."""
+        return [{field.partition("=")[0] for field in fields} for fields in self.sent]
 
 
 def require_tool(name: str) -> str:

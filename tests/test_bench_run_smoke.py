@@ -26,19 +26,28 @@ ROWS = (
 )
 
 
-@pytest.mark.slow
-def test_smoke_run_prints_every_row() -> None:
-    require(shutil.which("cc") is not None, "no C compiler (cc) to build the load generator")
-    require(shutil.which("taskset") is not None, "taskset (util-linux) is missing")
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke"],
+def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run bench/run.py with ``args`` (bounded); what it printed and its exit status."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), *args],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         check=False,
     )
+
+
+def require_build_tools() -> None:
+    require(shutil.which("cc") is not None, "no C compiler (cc) to build the load generator")
+    require(shutil.which("taskset") is not None, "taskset (util-linux) is missing")
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_every_row() -> None:
+    require_build_tools()
+    done = bench("--smoke")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "SMOKE RUN" in out
@@ -68,18 +77,8 @@ def test_smoke_run_prints_every_row() -> None:
 
 @pytest.mark.slow
 def test_one_scenario_for_a_few_servers() -> None:
-    require(shutil.which("cc") is not None, "no C compiler (cc) to build the load generator")
-    require(shutil.which("taskset") is not None, "taskset (util-linux) is missing")
-    command = ["--smoke", "--only", "pingpong", "--servers", "plain", "--no-many"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), *command],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
+    require_build_tools()
+    done = bench("--smoke", "--only", "pingpong", "--servers", "plain", "--no-many")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| server | ping-pong 64 B (median RTT): µs | ratio to C |")
@@ -91,13 +90,6 @@ def test_one_scenario_for_a_few_servers() -> None:
 
 
 def test_an_unknown_scenario_is_a_usage_error() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--only", "pingpong,nope"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
+    done = bench("--only", "pingpong,nope", timeout=60)
     assert done.returncode == 2
     assert "unknown scenario(s): nope" in done.stderr

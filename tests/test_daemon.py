@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IO, free_port, free_port_both, require_root
+from conftest import IO, RecordingNotifier, free_port, free_port_both, require_root, wait_until
 from daemonproc import bindable
 
 from udpbindd.config import Config, IOMode, parse_text
@@ -47,29 +47,6 @@ HOST = {4: "127.0.0.1", 6: "::1"}
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 # Contents that must never be decoded: empty, NULs, invalid UTF-8, random bytes.
 PAYLOADS = (b"", b"a", b"\x00\x00\x00", b"\xff\xfe\xc3\x28 not utf-8", bytes(range(256)))
-
-
-class RecordingNotifier(Notifier):
-    """A Notifier that records what it would send to systemd."""
-
-    def __init__(self) -> None:
-        super().__init__({})
-        self.sent: list[tuple[str, ...]] = []
-
-    def send(self, *fields: str) -> None:
-        self.sent.append(fields)
-
-    def count(self, field: str) -> int:
-        return sum(1 for fields in self.sent if field in fields)
-
-
-def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    """Poll ``condition`` until it holds; fail after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def wait_counts(stats: Stats, deadline: float = DEADLINE, **expected: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import free_port, require_tool
@@ -71,7 +72,7 @@ def test_the_soft_limit_is_never_lowered() -> None:
         "print(*fdlimit.raise_soft_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
     )
     done = subprocess.run(
-        ["python3", "-c", script], capture_output=True, text=True, timeout=30, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
     )
     after = [int(word) for word in done.stdout.split()]
     assert after[0] == after[2] >= soft

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from udpbindd import batch, config
-from udpbindd.batch import _host_port
+from udpbindd.batch import host_port
 from udpbindd.config import Listener, Literal, RateLimit, ReflectionPolicy, Responder
 from udpbindd.guard import (
     CACHE_SIZE,
@@ -710,7 +710,7 @@ def test_judging_by_raw_peer_name_gives_the_verdicts_of_judging_by_text(
         assert batch.unpack_peer(name)[:2] == (text, port)
         verdict = by_text.check(text, port, now)
         key = batch_key(name)
-        assert by_name.check_name(key, now, _host_port) == verdict
+        assert by_name.check_name(key, now, host_port) == verdict
         if verdict is None:
             assert by_name.reply_ok_name(key, request, reply) == by_text.reply_ok(
                 text, request, reply
@@ -723,7 +723,7 @@ def test_the_raw_name_cache_is_bounded_and_keeps_judging_alike() -> None:
         host = f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}"
         port = 7 if number % 5 == 0 else 1024 + number % 60000
         key = batch_key(sockaddr(host, port))
-        assert by_name.check_name(key, number, _host_port) == by_text.check(host, port, number)
+        assert by_name.check_name(key, number, host_port) == by_text.check(host, port, number)
     assert len(by_name._by_name) <= CACHE_SIZE
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import RecordingNotifier, free_port, wait_until
 from prometheus import samples, value
 from prometheus_client import generate_latest
 
@@ -29,7 +29,6 @@ from udpbindd.expand import expand_all, find_absent
 from udpbindd.metrics import Down, Snapshot, make_registry
 from udpbindd.names import IPAddress
 from udpbindd.survey import Survey, survey
-from udpbindd.systemd import Notifier
 from udpbindd.watch import view
 
 DEADLINE = 10.0
@@ -285,26 +284,6 @@ def test_the_state_metric_has_one_series_per_state() -> None:
 
 
 # -- the daemon in-process -------------------------------------------------------------------------
-
-
-class RecordingNotifier(Notifier):
-    def __init__(self) -> None:
-        super().__init__({})
-        self.sent: list[tuple[str, ...]] = []
-
-    def send(self, *fields: str) -> None:
-        self.sent.append(fields)
-
-    def fields(self) -> list[set[str]]:
-        return [{field.partition("=")[0] for field in fields} for fields in self.sent]
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    end = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class FakeHost:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, free_port_both
+from conftest import RecordingNotifier, free_port, free_port_both
 from daemonproc import DaemonProcess, exchange
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,7 +40,6 @@ from udpbindd.expand import Binding
 from udpbindd.metrics import make_registry
 from udpbindd.sockets import open_udp
 from udpbindd.survey import survey
-from udpbindd.systemd import Notifier
 
 DEADLINE = 15.0
 # Every request to the kept listener must be answered within this (a reload takes far less).
@@ -542,17 +541,6 @@ def test_sd_notify_sequence_around_a_reload(
 
 
 # -- in-process: a bind that fails in the middle of the transaction ---------------------------
-
-
-class RecordingNotifier(Notifier):
-    """A Notifier that records what it would send to systemd."""
-
-    def __init__(self) -> None:
-        super().__init__({})
-        self.sent: list[tuple[str, ...]] = []
-
-    def send(self, *fields: str) -> None:
-        self.sent.append(fields)
 
 
 class RacingBind:

@@ -332,7 +332,7 @@ class Batch:
                 else:
                     start = i * NAME_SIZE
                     name = names[start : start + length].tobytes()
-                verdict = guard.check_name(name, now, _host_port)
+                verdict = guard.check_name(name, now, host_port)
                 if verdict is not None:
                     stats.refused(verdict)
                     continue
@@ -471,7 +471,7 @@ def unpack_peer(name: bytes) -> Address:
     return (socket.inet_ntop(socket.AF_INET, name[4:8]), port)
 
 
-def _host_port(name: bytes | int) -> tuple[str, int]:
+def host_port(name: bytes | int) -> tuple[str, int]:
     """What the guard judges a peer by: its address text and port.
 
     ``name`` is the raw sockaddr, or for IPv4 its first 8 bytes as a native int.
