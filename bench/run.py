@@ -4,8 +4,9 @@ Builds the C load generator and reference echo (``cc -O2``) into a temporary dir
 then, on loopback only, runs each server pinned to CPU 1 with the load generator on CPU 0,
 in interleaved rounds (the order rotates each round), and prints medians and ratios to the C
 reference; then the many-listeners figures (start to READY, memory per listener, load spread
-over every port). Every process is started and stopped by pid, every wait is bounded, and
-the load generator stops by itself. A full run takes under 5 minutes.
+over every port, for the daemon and for C epoll echoes on the same ports: what the kernel
+allows one thread there). Every process is started and stopped by pid, every wait is
+bounded, and the load generator stops by itself. A full run takes under 5 minutes.
 
 Usage: python bench/run.py [--quick | --smoke] [--rounds N] [--duration S] [--json FILE]
 """
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -519,6 +521,16 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def raise_fd_limit(needed: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to at least ``needed``: the C echo, which inherits it,
+    holds one socket per port (the daemon raises its own limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise RuntimeError(f"RLIMIT_NOFILE hard limit {hard} < {needed} needed")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def daemon_config(path: Path, base: int, count: int, io: str = "batched") -> None:
     lines = ["listeners:"]
     for port in range(base, base + count):
@@ -530,6 +542,19 @@ def daemon_config(path: Path, base: int, count: int, io: str = "batched") -> Non
     path.write_text("\n".join(lines) + "\n")
 
 
+# The servers of the load-spread figures, in table order: key -> label.
+SPREAD_LABELS = {
+    "daemon": "udpbindd daemon, io: batched",
+    "plain": "udpbindd daemon, io: plain",
+    "c_ports": "C reference echo, epoll, one recvfrom/sendto per ready socket",
+    "c_ports_batch": "C reference echo, epoll, recvmmsg/sendmmsg per ready socket",
+}
+# The C echoes on every port: key -> extra echo_ref arguments.
+C_PORTS = {"c_ports": [], "c_ports_batch": ["--batch"]}
+# The spread rate each daemon's is compared with: a C server's usual answer to many sockets.
+SPREAD_REFERENCE = "c_ports"
+
+
 @dataclass
 class Many:
     count: int
@@ -537,7 +562,7 @@ class Many:
     base_ready_s: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
     base_rss_kib: list[int] = field(default_factory=list)
-    # server key -> "spread"/"one" -> rates
+    # server key (of SPREAD_LABELS) -> "spread"/"one" -> rates
     rates: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
@@ -562,10 +587,24 @@ def start_daemon(
     return started()
 
 
+@contextlib.contextmanager
+def c_ports_running(
+    build: Path, work: Path, key: str, tag: str, *, ports: range, args: argparse.Namespace
+) -> Iterator[None]:
+    """The C reference echo ``key`` (of C_PORTS) on every port of ``ports``, answering."""
+    first, count = str(ports.start), str(len(ports))
+    echo = [str(build / "echo_ref"), HOST, first, "--ports", count, *C_PORTS[key]]
+    with running(pinned(SERVER_CPU, echo, args.pin), work / f"{key}-{tag}.log") as proc:
+        wait_answering(ports.start, proc)  # it binds every port before it answers on any
+        yield
+
+
 def run_many(build: Path, work: Path, args: argparse.Namespace) -> Many:
     count = args.listeners
     many = Many(count)
     base = free_range(count)
+    # Every socket of the C echo, plus its standard streams and epoll.
+    raise_fd_limit(count + 16)
     big, small, plain = work / "many.yaml", work / "one.yaml", work / "many-plain.yaml"
     daemon_config(big, base, count)
     daemon_config(small, base, 1)
@@ -580,6 +619,11 @@ def run_many(build: Path, work: Path, args: argparse.Namespace) -> Many:
             _spread(many, "daemon", build, base, count=count, args=args)
         with start_daemon(plain, work, f"plain-{round_}", args):
             _spread(many, "plain", build, base, count=count, args=args)
+        for key in C_PORTS:
+            with c_ports_running(
+                build, work, key, str(round_), ports=range(base, base + count), args=args
+            ):
+                _spread(many, key, build, base, count=count, args=args)
         print(
             f"  many listeners round {round_ + 1}/{args.many_rounds}: ready "
             f"{many.ready_s[-1]:.2f} s, rss {many.rss_kib[-1]} KiB",
@@ -611,15 +655,35 @@ def many_table(many: Many) -> list[str]:
         f"| process memory (VmRSS), {many.count} listeners vs 1 | {rss} KiB vs {base_rss} KiB |",
         f"| memory per listener beyond the 1-listener daemon | {per:.0f} B |",
     ]
-    labels = {"daemon": "udpbindd daemon, io: batched", "plain": "udpbindd daemon, io: plain"}
-    for key, rates in many.rates.items():
-        one, spread = statistics.median(rates["one"]), statistics.median(rates["spread"])
-        share = spread / one if one else 0.0
-        lines.append(
-            f"| {labels[key]}: 64 B x64 over {many.count} ports vs one port "
-            f"| {spread / 1000:.1f}k vs {one / 1000:.1f}k/s = {share:.2f} |"
-        )
+    return lines + spread_lines(many)
+
+
+def spread_lines(many: Many) -> list[str]:
+    """Each server's rate spread over every port against its one-port rate; then each
+    daemon's spread rate against the C epoll echo's on the same ports."""
+    one = {key: statistics.median(rates["one"]) for key, rates in many.rates.items()}
+    spread = {key: statistics.median(rates["spread"]) for key, rates in many.rates.items()}
+    lines = []
+    for key, label in SPREAD_LABELS.items():
+        if key in spread:
+            lines.append(
+                f"| {label}: 64 B x64 over {many.count} ports vs one port "
+                f"| {_versus(spread[key], one[key])} |"
+            )
+    reference = spread.get(SPREAD_REFERENCE)
+    for key in ("daemon", "plain"):
+        if key in spread and reference is not None:
+            lines.append(
+                f"| {SPREAD_LABELS[key]}: over {many.count} ports vs the C epoll echo "
+                f"(recvfrom/sendto) over the same ports "
+                f"| {_versus(spread[key], reference)} |"
+            )
     return lines
+
+
+def _versus(mine: float, other: float) -> str:
+    share = mine / other if other else 0.0
+    return f"{mine / 1000:.1f}k vs {other / 1000:.1f}k/s = {share:.2f}"
 
 
 # -- main -------------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ def test_smoke_run_prints_every_row() -> None:
         "memory per listener",
         "udpbindd daemon, io: batched: 64 B x64 over 100 ports",
         "udpbindd daemon, io: plain: 64 B x64 over 100 ports",
+        "C reference echo, epoll, one recvfrom/sendto per ready socket: 64 B x64 over 100 ports",
+        "C reference echo, epoll, recvmmsg/sendmmsg per ready socket: 64 B x64 over 100 ports",
+        "udpbindd daemon, io: batched: over 100 ports vs the C epoll echo",
+        "udpbindd daemon, io: plain: over 100 ports vs the C epoll echo",
     ):
         assert figure in out, figure
 

@@ -71,6 +71,7 @@ ATOMS = [
     "[", "]", "{", "}", ",", ": ", "- ", "\n", "\n  ", "\n    ", " #c", "? ", "|", ">", "'q'",
     "1e3", "0o17", "-.inf", "True", "x: y", "[a, b]", "{a: 1, a: 2}", "{[a]: 1}", "{{a: 1}: 2}",
     "yes: 1", "1: 2", "--- ", "...", "é", "!!binary aGk=", "2001-01-01 10:00:00",
+    "0", "010", "09", "1_000", "+5", "-7", "65535", "\u0663", "\uff11", "123456789012345678901",
 ]  # fmt: skip
 
 
@@ -109,6 +110,18 @@ def test_plain_documents_read_as_composed(text: str) -> None:
 def test_examples_read_as_composed(text: str, parser: bool) -> None:
     del parser
     assert_same_as_nodes(text)
+
+
+# Plain decimal integers take a short cut past the resolver; every neighbouring form must
+# still read as YAML 1.1 says (octal, sexagesimal, underscores, signs, non-ASCII digits).
+INTEGER_FORMS = ["0", "7", "010", "08", "00", "1_000", "+5", "-0", "65536", "1:30", "0x10"]
+INTEGER_FORMS += ["\u0663", "\uff11\uff12", "12345678901234567890123", "1.0", "1e3"]
+
+
+@pytest.mark.parametrize("form", INTEGER_FORMS)
+def test_integers_read_as_composed(form: str, parser: bool) -> None:
+    del parser
+    assert assert_same_as_nodes(f"listeners:\n  - {{port: {form}, name: '{form}'}}\n")
 
 
 @pytest.mark.parametrize(

@@ -421,14 +421,23 @@ def _unknown_key(key: str, allowed: frozenset[str]) -> str:
     return f"unknown key (known: {', '.join(sorted(allowed))})"
 
 
-class _Checked:
-    """A listener entry checked while the file was read: what was found, in its place."""
+class _Checked(Item):
+    """A listener entry checked while the file was read: what was found, in its place.
+
+    An ``Item`` itself (its value is None: the tree was dropped), so that each of 10,000
+    entries leaves one object until the list is done, not an item and its contents.
+    """
 
     __slots__ = ("given", "listener", "problems")
 
     def __init__(
-        self, listener: Listener | None, problems: tuple[Problem, ...], given: Item | None
+        self,
+        entry: Item,
+        listener: Listener | None,
+        problems: tuple[Problem, ...],
+        given: Item | None,
     ) -> None:
+        super().__init__(None, entry.line, entry.key_line)
         self.listener = listener
         self.problems = problems
         self.given = given  # the entry's name, whether or not it is valid
@@ -523,9 +532,9 @@ class _Checker:
         seen: dict[str, int] = {}
         for index, child in enumerate(item.value):
             path = f"listeners[{index}]"
-            if isinstance(child.value, _Checked):
-                listener, given = child.value.listener, child.value.given
-                self.problems.extend(child.value.problems)
+            if isinstance(child, _Checked):
+                listener, given = child.listener, child.given
+                self.problems.extend(child.problems)
             else:
                 listener = self.listener(child, path)
                 given = _given_name(child)
@@ -552,7 +561,7 @@ class _Checker:
             found = tuple(self.problems) if self.problems else ()
         finally:
             self.problems = problems
-        return Item(_Checked(listener, found, _given_name(item)), item.line, item.key_line)
+        return _Checked(item, listener, found, _given_name(item))
 
     def duplicate_name(
         self, item: Item, given: Item | None, path: str, name: str, first: int

@@ -12,6 +12,7 @@ bound, waiting for its address or interface, or failed and retried with backoff.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import ipaddress
 import os
@@ -35,6 +36,7 @@ from udpbindd.guard import Guard, build_guard
 from udpbindd.metrics import Down, Snapshot
 from udpbindd.names import IPAddress, SocketName
 from udpbindd.plan import Plan, close_order, diff
+from udpbindd.poller import ReadSelector
 from udpbindd.respond import RESPONDERS, Reply
 from udpbindd.sockets import (
     ICMP_ERRNOS,
@@ -69,8 +71,13 @@ SPREAD = 16
 BUFFER_SIZE = 65536
 # bind() errors that mean the address or device is absent: the socket waits, it has not failed.
 ABSENT_ERRNOS = frozenset({"EADDRNOTAVAIL", "ENODEV"})
-# The selector's data for the interface watch (listener sockets carry their Served).
-_WATCH = object()
+
+
+class _Own(enum.Enum):
+    """The selector's data for the daemon's own files (listener sockets carry their Served)."""
+
+    WAKE = "wake"  # the wake-up socketpair: signals
+    WATCH = "watch"  # the interface watch: netlink
 
 
 @dataclass(slots=True)
@@ -435,13 +442,16 @@ class Daemon:
         self._inherited = list(inherited or [])
         self._activated = inherited is not None and bool(inherited)
         self._adopted: dict[Binding, Inherited] = {}
+        # Each granted receive buffer size once: 10,000 sockets granted the same size share
+        # one int rather than holding 10,000 equal ones.
+        self._granted: dict[int, int] = {}
         self._survey = surveyor
         self._snapshot = Snapshot()
-        self._selector = selectors.DefaultSelector()
+        self._selector = ReadSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _Own.WAKE)
         self._running = False
         self._buffer = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buffer)
@@ -599,7 +609,7 @@ class Daemon:
                     detail="addresses that appear later are bound on reload only",
                 )
                 return None
-            self._selector.register(self._watch.sock, selectors.EVENT_READ, _WATCH)
+            self._selector.register(self._watch.sock, selectors.EVENT_READ, _Own.WATCH)
             self._follow_broadcasts()
         return self._addresses()
 
@@ -704,6 +714,7 @@ class Daemon:
                 # The survey found no clash, so another socket appeared since: name its holder.
                 reason = self._holder_of(binding) or reason
             return None, Failure(binding.listener, str(binding.name), reason, error.errno_name)
+        granted = self._granted.setdefault(granted, granted)
         served = Served(binding, sock, granted, broadcast=self._broadcast)
         self._selector.register(sock, selectors.EVENT_READ, served)
         if adopted is not None:
@@ -1236,7 +1247,7 @@ class Daemon:
             failed=len(self.failures),
             io=self.io.value,
         )
-        select = self._selector.select
+        select = self._selector.ready
         timeout: float | None = None
         next_ping = 0.0
         start_failed = False
@@ -1274,7 +1285,7 @@ class Daemon:
             self.close()
             log.info("stopped")
 
-    def _serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+    def _serve(self, ready: list[Served | _Own]) -> None:
         """One pass over the sockets ``select`` found ready: drain each within its budget."""
         buffer, view = self._buffer, self._view
         # Read per pass: a reload can switch between batched and plain.
@@ -1283,13 +1294,12 @@ class Daemon:
             fast, budget = None, 1
         else:
             budget = DRAIN_BUDGET
-        for key, _ in ready:
-            served = key.data
-            if served is None:
+        for served in ready:
+            if served is _Own.WAKE:
                 self._wakeup()
                 # A reload may have closed sockets of this pass: select again.
                 return
-            if served is _WATCH:
+            if served is _Own.WATCH:
                 self._read_watch()
             elif fast is None:
                 served.drain(buffer, view, budget)

@@ -535,6 +535,11 @@ class _EventBuilder:
         if not event.implicit[0]:
             # Quoted: always a string. Equal strings are shared: a Listener keeps some.
             return Item(self.quoted.setdefault(text, text), line, key_line)
+        if text.isdigit() and text.isascii() and (text[0] != "0" or text == "0"):
+            # A plain decimal integer, as YAML 1.1 resolves it (a leading 0 means octal): the
+            # commonest value that is seldom repeated (a port), so it is not kept in the cache,
+            # where 10,000 distinct ports would leave their texts until the file is read.
+            return Item(int(text), line, key_line)
         value = self.scalars.get(text, _UNSEEN)
         if value is _UNSEEN:
             value = self.scalars[text] = self.construct(text, event.implicit)
@@ -555,6 +560,10 @@ class _EventBuilder:
             return self.constructor.construct_object(ScalarNode(tag, text), deep=True)
         except (yaml.YAMLError, ValueError, TypeError, KeyError, OverflowError):
             return _Refused(f"{text!r} is not a valid {_tag(tag)}")
+        finally:
+            # The constructor keeps every node it built, for aliases (a plain document has
+            # none): forgotten at once, rather than each one kept until the file is read.
+            self.constructor.constructed_objects.clear()
 
     def skip(self, event: Any) -> None:
         """Read past the value that starts with ``event``, as ``_Builder`` never looks at it."""
