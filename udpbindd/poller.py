@@ -84,8 +84,17 @@ class ReadSelector(selectors.BaseSelector):
 
     def ready(self, timeout: float | None = None) -> list[Any]:
         """Wait up to ``timeout`` seconds (None: for ever); the data of each ready file."""
+        if timeout is None:
+            # The loop's usual wait, polled here directly: this is the path from a lone
+            # request's wake-up to its reply, and a call less is 50 ns less.
+            try:
+                events = self._epoll.poll(-1, MAX_EVENTS)
+            except InterruptedError:
+                return []
+        else:
+            events = self._poll(timeout)
         data = self._data
-        return [data[fd] for fd, _ in self._poll(timeout)]
+        return [data[fd] for fd, _ in events]
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         read, data = selectors.EVENT_READ, self._data
