@@ -258,16 +258,18 @@ class Served:
         """``drain`` through ``fast`` (recvmmsg/sendmmsg); return how many receives were made.
 
         A socket whose last wake-up found one datagram or none is likely answering one client
-        at a time: its first datagram is taken and answered the plain way (one recvfrom and
-        one sendto cost less than setting up a batch), and only then is the rest read in
-        batches, so a lone request waits for no batch. Under load it goes straight to
-        batches. Replies and counters are those of ``drain``.
+        at a time: its first two datagrams are taken and answered the plain way (one recvfrom
+        and one sendto cost less than setting up a batch), so a lone request waits for no
+        batch, and the receive that finds the queue empty is a plain one too, which costs
+        half what an empty batch does. Only when a second datagram was there is the rest read
+        in batches. Under load it goes straight to batches. Replies and counters are those
+        of ``drain``.
         """
         first = 0
         if self.quiet:
-            first = self.drain(buffer, view, 1)
-            if not first:
-                return 0
+            first = self.drain(buffer, view, 2)
+            if first < 2:
+                return first
         count = first + fast.drain(
             self.sock,
             self.reply,
