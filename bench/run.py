@@ -53,6 +53,11 @@ class Server:
     command: Callable[[int, Path], list[str]]
     skipped: str = ""
     note: str = ""
+    # The scenarios (keys) it runs; empty: all of them.
+    only: tuple[str, ...] = ()
+
+    def runs(self, scenario: Scenario) -> bool:
+        return not self.only or scenario.key in self.only
 
 
 def _python(*args: str) -> list[str]:
@@ -86,6 +91,15 @@ def servers(build: Path) -> list[Server]:
             "c_spin",
             "C echo, busy-polling (never sleeps: the kernel's cost alone)",
             lambda port, _: [str(build / "echo_ref"), HOST, str(port), "--spin"],
+        ),
+        # Waits for a datagram as every server of many sockets does (udpbindd included): in
+        # epoll, then one recvfrom. Against the reference, which blocks in the receive
+        # itself, it shows what that way of waiting costs a round trip.
+        Server(
+            "c_epoll",
+            "C echo, epoll then recvfrom/sendto (how a server of many sockets waits)",
+            lambda port, _: [str(build / "echo_ref"), HOST, str(port), "--ports", "1"],
+            only=("pingpong",),
         ),
         Server("daemon", "udpbindd daemon, io: batched (the default)", _daemon("batched")),
         Server("plain", "udpbindd daemon, io: plain", _daemon("plain")),
@@ -401,16 +415,17 @@ def run_peers(
     contenders: list[Server], build: Path, work: Path, args: argparse.Namespace
 ) -> Results:
     results = Results()
-    active = [s for s in contenders if not s.skipped]
+    active = [s for s in contenders if not s.skipped and any(s.runs(c) for c in args.scenarios)]
     for round_ in range(args.rounds):
         shift = round_ % len(active)
         for server in active[shift:] + active[:shift]:
             port = free_port()
             command = pinned(SERVER_CPU, server.command(port, work), args.pin)
             log = work / f"{server.key}-{round_}.log"
+            scenarios = [c for c in args.scenarios if server.runs(c)]
             with running(command, log) as proc:
                 wait_answering(port, proc)
-                for scenario in args.scenarios:
+                for scenario in scenarios:
                     before = kernel_drops(range(port, port + 1))
                     cpu = cpu_ns(proc.pid)
                     result = load(build, port, args, size=scenario.size, window=scenario.window)
@@ -421,7 +436,7 @@ def run_peers(
                     results.add(server.key, scenario.key, result)
             print(
                 f"  round {round_ + 1}/{args.rounds} {server.key:9s} "
-                + " ".join(_short(s, results.runs[server.key][s.key][-1]) for s in args.scenarios),
+                + " ".join(_short(s, results.runs[server.key][s.key][-1]) for s in scenarios),
                 file=sys.stderr,
                 flush=True,
             )
@@ -447,6 +462,8 @@ def peer_table(
     rule += "---:|"
     lines = [head, rule]
     for server in contenders:
+        if not any(server.runs(s) for s in scenarios):
+            continue
         if server.skipped:
             lines.append(f"| {server.label} | skipped: {server.skipped} |")
             continue
@@ -475,7 +492,7 @@ def cpu_table(
     head = "| server (CPU per reply) |" + "".join(f" {s.label}: µs | C / this |" for s in rated)
     lines = [head, "|---|" + "---:|---:|" * len(rated)]
     for server in contenders:
-        if server.skipped:
+        if server.skipped or not any(server.runs(s) for s in rated):
             continue
         row = f"| {server.label} |"
         for scenario in rated:
