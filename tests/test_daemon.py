@@ -25,6 +25,7 @@ import pytest
 from conftest import IO, RecordingNotifier, free_port, free_port_both, require_root, wait_until
 from daemonproc import bindable
 
+from udpbindd.activation import Inherited, socket_name
 from udpbindd.config import Config, IOMode, parse_text
 from udpbindd.daemon import DRAIN_BUDGET, SPREAD, Daemon, Served, StartFailed, options_of
 from udpbindd.expand import Binding
@@ -409,6 +410,34 @@ listeners:
         assert sock.recv(100) == b"Your data was 12 bytes"
         wait_counts(stats, received_packets=2, received_bytes=len(payload) + 12, sent_packets=1)
         assert stats.dropped() == drops(simulated=0, send_error=1)
+
+
+def test_a_socket_passed_in_counts_its_icmp_errors_like_one_the_daemon_opened() -> None:
+    """A socket systemd passed in was not made by open_udp: without IP_RECVERR, which the
+    daemon sets when it adopts the socket, the ICMP error about a reply would be dropped
+    by the kernel, and the failed reply never counted."""
+    port = free_port()
+    cfg = config(f"listeners: [{{interface: 127.0.0.1, port: {port}, responder: echo}}]")
+    passed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    passed.bind(("127.0.0.1", port))
+    passed.setblocking(False)
+    assert passed.getsockopt(socket.SOL_IP, IP_RECVERR) == 0
+    daemon = Daemon(cfg, inherited=[Inherited(passed, "", socket_name(passed))])
+    try:
+        daemon.start(survey(cfg.enabled_listeners, exclude_inodes=daemon.own_inodes()))
+        with running(daemon):
+            item = served(daemon, f"127.0.0.1:{port}")
+            assert item.sock is passed
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+                gone.sendto(b"reply to a closed port", ("127.0.0.1", port))
+            # The echo goes to a port nobody holds any more; ICMP port unreachable comes back.
+            wait_until(lambda: item.stats.send_errors == 1, "the failed reply to be counted")
+            with client(4, port) as sock:
+                sock.send(b"next")
+                assert sock.recv(100) == b"next"
+            assert (item.stats.received_packets, item.stats.sent_packets) == (2, 2)
+    finally:
+        daemon.shutdown()
 
 
 def test_a_pending_socket_error_is_counted_and_the_next_datagram_served() -> None:

@@ -111,8 +111,6 @@ class Served:
         self.guard = previous
         self.configure(self.binding)
         self.inode = os.fstat(self.sock.fileno()).st_ino
-        # Set again for sockets systemd passed in, which open_udp did not prepare.
-        enable_error_queue(self.sock)
         if self.binding.name.is_wildcard:
             enable_pktinfo(self.sock)
             self.pktinfo = True
@@ -845,6 +843,8 @@ class Daemon:
             fdname=item.fdname,
             matched_by="name" if item.fdname == binding.listener.name else "address",
         )
+        # Prepared as open_udp prepares the sockets udpbindd opens itself.
+        enable_error_queue(item.sock)
         return item.sock, set_receive_buffer(item.sock, binding.listener.recv_buffer)
 
     def _adopt_leftovers(self) -> None:
