@@ -115,6 +115,10 @@ class Served:
             enable_pktinfo(self.sock)
             self.pktinfo = True
 
+    def _locals(self) -> tuple[socket.socket, Stats, Reply, float, Guard | None]:
+        """What a drain reads per datagram, taken into locals once per wake-up."""
+        return self.sock, self.stats, self.reply, self.drop_rate, self.guard
+
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel discarded for this socket name (its receive queue was full).
 
@@ -188,7 +192,7 @@ class Served:
         """
         if self.pktinfo:
             return self._drain_pktinfo(view, budget)
-        # What each datagram needs, in locals: read inline rather than through a helper,
+        # What each datagram needs, in locals: read inline rather than through _locals,
         # since a quiet socket's lone datagram pays this set-up on its way to the reply.
         sock, stats, reply, drop_rate, guard = (
             self.sock,
@@ -286,13 +290,7 @@ class Served:
         recvmsg/sendmsg cost more than recvfrom/sendto, so only sockets that need the packet
         info take this path; the counting is the same.
         """
-        sock, stats, reply, drop_rate, guard = (
-            self.sock,
-            self.stats,
-            self.reply,
-            self.drop_rate,
-            self.guard,
-        )
+        sock, stats, reply, drop_rate, guard = self._locals()
         chance = random.random
         now, checks_replies = (0, False) if guard is None else (_now(), guard.checks_replies)
         buffers, count = [view], 0
