@@ -143,3 +143,19 @@ def test_closing_forgets_everything() -> None:
         selector.register(receiver, READ, "x")
         selector.close()
         assert len(selector.get_map()) == 0
+        with pytest.raises(ValueError, match="closed"):
+            selector.ready(0)
+
+
+def test_a_file_epoll_dropped_already_can_be_unregistered_and_its_number_reused() -> None:
+    with ReadSelector() as selector:
+        receiver, sender = pair()
+        with receiver, sender:
+            selector.register(receiver, READ, "first")
+            # Taken out of epoll behind the selector's back (as when the kernel drops a
+            # closed file): unregistering must still forget it.
+            selector._epoll.unregister(receiver.fileno())
+            assert selector.unregister(receiver).data == "first"
+            selector.register(receiver, READ, "again")
+            sender.sendto(b"x", receiver.getsockname())
+            assert selector.ready(1.0) == ["again"]

@@ -116,6 +116,7 @@ def test_examples_read_as_composed(text: str, parser: bool) -> None:
 # still read as YAML 1.1 says (octal, sexagesimal, underscores, signs, non-ASCII digits).
 INTEGER_FORMS = ["0", "7", "010", "08", "00", "1_000", "+5", "-0", "65536", "1:30", "0x10"]
 INTEGER_FORMS += ["\u0663", "\uff11\uff12", "12345678901234567890123", "1.0", "1e3"]
+INTEGER_FORMS += ["9" * 18, "1" * 19, "1" * 5000]  # the last: more digits than int() takes
 
 
 @pytest.mark.parametrize("form", INTEGER_FORMS)

@@ -2,18 +2,19 @@
 
 A ``selectors.BaseSelector``, so the loop is still one ``selectors`` loop, but leaner than
 ``selectors.EpollSelector`` where udpbindd pays for it. With 10,000 listeners that one keeps,
-per socket, a ``SelectorKey``, a dict entry and an int for the descriptor (about 180 B), and
-every wake-up builds a ``(key, events)`` pair per ready file that the loop only unpacks again.
-This one keeps one list slot per descriptor number (8 B; descriptors are small, dense
-numbers), and ``ready`` returns the ready files' data alone.
+per socket, a ``SelectorKey``, a dict entry and an int for the descriptor (about 140 B of
+objects), and every wake-up builds a ``(key, events)`` pair per ready file that the loop only
+unpacks again. This one keeps one list slot per descriptor number (8 B; descriptors are small,
+dense numbers), and ``ready`` returns the ready files' data alone.
 
-Files are known by descriptor: a file must be unregistered while it is still open (the daemon
-always unregisters a socket before closing it), and the keys ``select`` and ``get_map`` give
-name the descriptor as their ``fileobj``.
+Files are known by descriptor. A file must be unregistered while it is still open, as the
+daemon does with every serving socket (closing the selector itself needs no unregistering
+first). The keys that ``select`` and ``get_map`` return have the descriptor as ``fileobj``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
 import selectors
@@ -69,9 +70,12 @@ class ReadSelector(selectors.BaseSelector):
     def unregister(self, fileobj: FileObject) -> selectors.SelectorKey:
         fd = _fd(fileobj)
         data = self._lookup(fd, fileobj)
-        self._epoll.unregister(fd)
         self._data[fd] = _FREE
         self._count -= 1
+        # As selectors does: the file is forgotten whatever epoll says (it may have dropped
+        # the file already), so that its number can be registered again.
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
         return selectors.SelectorKey(fd, fd, selectors.EVENT_READ, data)
 
     def modify(self, fileobj: FileObject, events: int, data: Any = None) -> selectors.SelectorKey:
@@ -86,7 +90,7 @@ class ReadSelector(selectors.BaseSelector):
         """Wait up to ``timeout`` seconds (None: for ever); the data of each ready file."""
         if timeout is None:
             # The loop's usual wait, polled here directly: this is the path from a lone
-            # request's wake-up to its reply, and a call less is 50 ns less.
+            # request's wake-up to its reply, where every call shows.
             try:
                 events = self._epoll.poll(-1, MAX_EVENTS)
             except InterruptedError:
@@ -121,8 +125,9 @@ class ReadSelector(selectors.BaseSelector):
         elif timeout <= 0:
             timeout = 0
         else:
-            # Whole milliseconds, rounded up, as epoll_wait takes them: rounded down, a wait
-            # of 0.4 ms would return at once and the caller would spin until it ran out.
+            # Whole milliseconds, rounded up, as selectors does (epoll.poll rounds up too,
+            # but the intent is kept explicit): rounded down, a wait of 0.4 ms would return
+            # at once and the caller would spin until it ran out.
             timeout = math.ceil(timeout * 1e3) * 1e-3
         try:
             return self._epoll.poll(timeout, MAX_EVENTS)

@@ -29,6 +29,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 # Configs nest four levels deep; anything near these limits is a mistake or an attack.
 MAX_DEPTH = 64
 MAX_VALUES = 1_000_000
+# Digits of a plain integer read without the resolver (see _EventBuilder.scalar).
+_SHORT_INT = 18
 
 _TAG_PREFIX = "tag:yaml.org,2002:"
 _STR_TAG = _TAG_PREFIX + "str"
@@ -535,10 +537,12 @@ class _EventBuilder:
         if not event.implicit[0]:
             # Quoted: always a string. Equal strings are shared: a Listener keeps some.
             return Item(self.quoted.setdefault(text, text), line, key_line)
-        if text.isdigit() and text.isascii() and (text[0] != "0" or text == "0"):
+        if len(text) <= _SHORT_INT and text.isdigit() and text.isascii() and text[0] != "0":
             # A plain decimal integer, as YAML 1.1 resolves it (a leading 0 means octal): the
             # commonest value that is seldom repeated (a port), so it is not kept in the cache,
             # where 10,000 distinct ports would leave their texts until the file is read.
+            # Longer digit strings take the constructor's way, which refuses what int() cannot
+            # convert (over 4,300 digits) with a problem rather than an exception.
             return Item(int(text), line, key_line)
         value = self.scalars.get(text, _UNSEEN)
         if value is _UNSEEN:
