@@ -7,12 +7,15 @@
  * paid and what remains is the kernel's own cost of a datagram in and out.
  *
  * Many ports (--ports N): one non-blocking socket on each of PORT..PORT+N-1, all in one
- * level-triggered epoll. It shows what the kernel allows one thread that serves load spread
- * over many ports: the ceiling for udpbindd with as many listeners. When the load is spread,
- * each ready socket holds about one datagram, so by default it is answered with one recvfrom
- * and one sendto: a batch call would mostly return one datagram, then pay a second call to
- * learn the queue is empty. With --batch each ready socket gets recvmmsg/sendmmsg as in the
- * one-socket mode, which pays off only when the load is not spread.
+ * level-triggered epoll. It shows what the kernel allows one thread that waits for load spread
+ * over many ports as udpbindd does: the ceiling for udpbindd with as many listeners (sharing
+ * system calls between sockets takes io_uring: uring_echo.c). When the load is spread, each
+ * ready socket holds about one datagram, so by default it is answered with one recvfrom and
+ * one sendto. A recvmmsg would return that one datagram in one call just the same, but cost
+ * more per datagram: the 64 headers set up before each call, the kernel's try at a second
+ * datagram before it returns, and a sendmmsg's set-up for a single reply. With --batch each
+ * ready socket gets recvmmsg/sendmmsg as in the one-socket mode, which pays off only when the
+ * load is not spread.
  *
  * usage: echo_ref HOST PORT [--spin]
  *        echo_ref HOST PORT --ports N [--batch]

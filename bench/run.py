@@ -1,12 +1,16 @@
 """The one benchmark command: udpbindd against a C reference and its peers, side by side.
 
-Builds the C load generator and reference echo (``cc -O2``) into a temporary directory,
-then, on loopback only, runs each server pinned to CPU 1 with the load generator on CPU 0,
-in interleaved rounds (the order rotates each round), and prints medians and ratios to the C
+Builds the C load generator and echoes (``cc -O2``) into a temporary directory, then, on
+loopback only, runs each server pinned to CPU 1 with the load generator on CPU 0, in
+interleaved rounds (the order rotates each round), and prints medians and ratios to the C
 reference; then the many-listeners figures (start to READY, memory per listener, load spread
-over every port, for the daemon and for C epoll echoes on the same ports: what the kernel
-allows one thread there). Every process is started and stopped by pid, every wait is
-bounded, and the load generator stops by itself. A full run takes under 5 minutes.
+over every port, for the daemon and for C echoes on the same ports: with epoll, what the kernel
+allows one thread that waits as udpbindd does; with io_uring, what one thread can do when the
+receives and sends of many sockets share system calls). Peers missing here are installed
+(uvloop with pip; sockperf and liburing-dev with apt-get, as root) unless ``--no-install`` or
+``--smoke``; a server still missing is skipped, and its row says why. Every process is started
+and stopped by pid, every wait is bounded, and the load generator stops by itself. A full run
+takes under 5 minutes.
 
 Usage: python bench/run.py [--quick | --smoke] [--rounds N] [--duration S] [--json FILE]
 """
@@ -297,32 +301,81 @@ def ensure_uvloop(install: bool) -> str:
     return "uvloop could not be installed with pip"
 
 
-def ensure_sockperf(install: bool) -> str:
-    if shutil.which("sockperf"):
+def ensure_apt(what: str, package: str, present: Callable[[], bool], install: bool) -> str:
+    """'' when ``present()``, if need be after installing ``package`` with apt-get (only as
+    root, and only when installing is allowed); else why the row that needs it is skipped."""
+    if present():
         return ""
     if not install or os.geteuid() != 0:
-        return "sockperf is not installed (apt-get install sockperf)"
+        return f"{what} is not installed (apt-get install {package})"
     apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run([*apt, "update", "-qq"], capture_output=True, check=False, timeout=300)
     subprocess.run(
-        [*apt, "install", "-y", "-qq", "--no-install-recommends", "sockperf"],
+        [*apt, "install", "-y", "-qq", "--no-install-recommends", package],
         capture_output=True,
         check=False,
         env=env,
         timeout=300,
     )
-    return "" if shutil.which("sockperf") else "sockperf could not be installed with apt-get"
+    return "" if present() else f"{what} could not be installed with apt-get"
 
 
-def build_c(build: Path) -> None:
+def ensure_sockperf(install: bool) -> str:
+    return ensure_apt("sockperf", "sockperf", lambda: shutil.which("sockperf") is not None, install)
+
+
+def _cc(build: Path, name: str, *libraries: str) -> list[str]:
     compiler = os.environ.get("CC", "cc")
+    source = str(BENCH / f"{name}.c")
+    return [compiler, "-O2", "-Wall", "-o", str(build / name), source, *libraries]
+
+
+def build_c(build: Path, install: bool) -> str:
+    """Build the load generator and the C echoes into ``build``. Returns '' when the io_uring
+    echo was built and runs here too, else why its row is skipped (the others must build)."""
     for name in ("loadgen", "echo_ref"):
-        subprocess.run(
-            [compiler, "-O2", "-Wall", "-o", str(build / name), str(BENCH / f"{name}.c")],
-            check=True,
+        subprocess.run(_cc(build, name), check=True, timeout=120)
+    return build_uring_echo(build, install)
+
+
+def build_uring_echo(build: Path, install: bool) -> str:
+    """'' when ``uring_echo`` builds against liburing (installing liburing-dev as sockperf
+    is installed) and answers here, else why not."""
+    errors: list[str] = []
+
+    def built() -> bool:
+        done = subprocess.run(
+            _cc(build, "uring_echo", "-luring"),
+            capture_output=True,
+            text=True,
+            check=False,
             timeout=120,
         )
+        errors.append(done.stderr)
+        return done.returncode == 0
+
+    missing = ensure_apt("liburing", "liburing-dev", built, install)
+    if missing and "liburing.h" not in errors[-1]:
+        # liburing is there, but the build failed all the same (a liburing older than 2.3).
+        said = [line for line in errors[-1].splitlines() if "error" in line] or ["no message"]
+        return f"uring_echo does not build: {said[0]}"
+    return missing or uring_refused(build)
+
+
+def uring_refused(build: Path) -> str:
+    """'' when ``uring_echo`` answers on one port, else why not: a kernel may lack what it
+    needs, or refuse io_uring altogether (kernel.io_uring_disabled, a seccomp filter)."""
+    port, log = free_port(), build / "uring_echo-check.log"
+    with running([str(build / "uring_echo"), HOST, str(port), "1"], log) as proc:
+        try:
+            wait_answering(port, proc, deadline=STOP_DEADLINE)
+        except TimeoutError:
+            return f"uring_echo did not answer within {STOP_DEADLINE:.0f} s"
+        except RuntimeError:
+            said = log.read_text(errors="replace").splitlines() or ["no message"]
+            return f"uring_echo does not run here: {said[-1].removeprefix('uring_echo: ')}"
+    return ""
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -565,10 +618,32 @@ SPREAD_LABELS = {
     "plain": "udpbindd daemon, io: plain",
     "c_ports": "C reference echo, epoll, one recvfrom/sendto per ready socket",
     "c_ports_batch": "C reference echo, epoll, recvmmsg/sendmmsg per ready socket",
+    "c_uring": "C echo, io_uring (multishot recvmsg, batched sends)",
 }
-# The C echoes on every port: key -> extra echo_ref arguments.
-C_PORTS = {"c_ports": [], "c_ports_batch": ["--batch"]}
-# The spread rate each daemon's is compared with: a C server's usual answer to many sockets.
+
+
+def _echo_ref_ports(*extra: str) -> Callable[[Path, range], list[str]]:
+    def command(build: Path, ports: range) -> list[str]:
+        echo = [str(build / "echo_ref"), HOST, str(ports.start), "--ports", str(len(ports))]
+        return [*echo, *extra]
+
+    return command
+
+
+def _uring_echo(build: Path, ports: range) -> list[str]:
+    return [str(build / "uring_echo"), HOST, str(ports.start), str(len(ports))]
+
+
+# The C echoes on every port: key -> its command, from the build directory and the ports.
+# The io_uring echo shows what one thread can do when the receives and sends of many
+# sockets share system calls, which no epoll server (udpbindd included) can.
+C_PORTS: dict[str, Callable[[Path, range], list[str]]] = {
+    "c_ports": _echo_ref_ports(),
+    "c_ports_batch": _echo_ref_ports("--batch"),
+    "c_uring": _uring_echo,
+}
+# The spread rate each daemon's (and the io_uring echo's) is compared with: a C server's
+# usual answer to many sockets.
 SPREAD_REFERENCE = "c_ports"
 
 
@@ -581,6 +656,8 @@ class Many:
     base_rss_kib: list[int] = field(default_factory=list)
     # server key (of SPREAD_LABELS) -> "spread"/"one" -> rates
     rates: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # server key (of SPREAD_LABELS) -> why it did not run
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def start_daemon(
@@ -608,19 +685,35 @@ def start_daemon(
 def c_ports_running(
     build: Path, work: Path, key: str, tag: str, *, ports: range, args: argparse.Namespace
 ) -> Iterator[None]:
-    """The C reference echo ``key`` (of C_PORTS) on every port of ``ports``, answering."""
-    first, count = str(ports.start), str(len(ports))
-    echo = [str(build / "echo_ref"), HOST, first, "--ports", count, *C_PORTS[key]]
+    """The C echo ``key`` (of C_PORTS) on every port of ``ports``, answering; on leaving,
+    stopped, and the ports free for the next server."""
+    echo = C_PORTS[key](build, ports)
     with running(pinned(SERVER_CPU, echo, args.pin), work / f"{key}-{tag}.log") as proc:
         wait_answering(ports.start, proc)  # it binds every port before it answers on any
         yield
+    wait_ports_free(ports)
 
 
-def run_many(build: Path, work: Path, args: argparse.Namespace) -> Many:
+def wait_ports_free(ports: range, deadline: float = STOP_DEADLINE) -> None:
+    """Wait (bounded) until no socket holds a port of ``ports``. A server's exit does not
+    always free them at once: an io_uring's registered files and pending receives are
+    released by the kernel after the process is gone (tens of ms for 10,000 sockets)."""
+    end = time.monotonic() + deadline
+    while any(port in ports for port, _ in udp_sockets()):
+        if time.monotonic() > end:
+            raise TimeoutError(
+                f"ports {ports.start}-{ports.stop - 1} still bound {deadline} s after the "
+                "server exited"
+            )
+        time.sleep(0.01)
+
+
+def run_many(build: Path, work: Path, args: argparse.Namespace, uring_skipped: str = "") -> Many:
+    """The many-listeners figures; ``uring_skipped``: why the io_uring echo cannot run, if so."""
     count = args.listeners
-    many = Many(count)
+    many = Many(count, skipped={"c_uring": uring_skipped} if uring_skipped else {})
     base = free_range(count)
-    # Every socket of the C echo, plus its standard streams and epoll.
+    # Every socket of a C echo, plus its standard streams and epoll or io_uring.
     raise_fd_limit(count + 16)
     big, small, plain = work / "many.yaml", work / "one.yaml", work / "many-plain.yaml"
     daemon_config(big, base, count)
@@ -636,7 +729,9 @@ def run_many(build: Path, work: Path, args: argparse.Namespace) -> Many:
             _spread(many, "daemon", build, base, count=count, args=args)
         with start_daemon(plain, work, f"plain-{round_}", args):
             _spread(many, "plain", build, base, count=count, args=args)
-        for key in C_PORTS:
+        # Each C echo leaves the ports free before the next server (this round's next echo,
+        # or the next round's daemons) binds them again.
+        for key in (key for key in C_PORTS if key not in many.skipped):
             with c_ports_running(
                 build, work, key, str(round_), ports=range(base, base + count), args=args
             ):
@@ -676,19 +771,22 @@ def many_table(many: Many) -> list[str]:
 
 
 def spread_lines(many: Many) -> list[str]:
-    """Each server's rate spread over every port against its one-port rate; then each
-    daemon's spread rate against the C epoll echo's on the same ports."""
+    """Each server's rate spread over every port against its one-port rate (or why it was
+    skipped); then each daemon's spread rate, and the io_uring echo's, against the C epoll
+    echo's on the same ports."""
     one = {key: statistics.median(rates["one"]) for key, rates in many.rates.items()}
     spread = {key: statistics.median(rates["spread"]) for key, rates in many.rates.items()}
     lines = []
     for key, label in SPREAD_LABELS.items():
-        if key in spread:
+        if key in many.skipped:
+            lines.append(f"| {label} | skipped: {many.skipped[key]} |")
+        elif key in spread:
             lines.append(
                 f"| {label}: 64 B x64 over {many.count} ports vs one port "
                 f"| {_versus(spread[key], one[key])} |"
             )
     reference = spread.get(SPREAD_REFERENCE)
-    for key in ("daemon", "plain"):
+    for key in ("daemon", "plain", "c_uring"):
         if key in spread and reference is not None:
             lines.append(
                 f"| {SPREAD_LABELS[key]}: over {many.count} ports vs the C epoll echo "
@@ -785,9 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     about = machine()
     with tempfile.TemporaryDirectory(prefix="udpbindd-bench-") as temp:
         work = Path(temp)
-        build_c(work)
-        contenders = [s for s in servers(work) if not args.servers or s.key in args.servers]
         install = not args.no_install
+        uring_skipped = build_c(work, install)
+        contenders = [s for s in servers(work) if not args.servers or s.key in args.servers]
         for server in contenders:
             if server.key == "uvloop":
                 server.skipped = ensure_uvloop(install)
@@ -795,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.skipped = ensure_sockperf(install)
         with kept_awake(SERVER_CPU, args.keep_awake, work):
             results = run_peers(contenders, work, work, args)
-            many = run_many(work, work, args) if args.many else None
+            many = run_many(work, work, args, uring_skipped) if args.many else None
     about["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     about["seconds"] = round(time.monotonic() - began, 1)
     report(about, contenders, results, many, args)

@@ -24,6 +24,9 @@ ROWS = (
     "asyncio echo",
     "sockperf server",
 )
+# Measured where liburing is installed and the kernel lets io_uring run, else skipped (a
+# smoke run never installs it).
+URING = "C echo, io_uring (multishot recvmsg, batched sends)"
 
 
 def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -77,6 +80,22 @@ def test_smoke_run_prints_every_row() -> None:
         "udpbindd daemon, io: plain: over 100 ports vs the C epoll echo",
     ):
         assert figure in out, figure
+    assert_uring_row(lines)
+
+
+def assert_uring_row(lines: list[str]) -> None:
+    """The io_uring echo's many-listeners row is there, either measured or skipped with why."""
+    measured = f"| {URING}: 64 B x64 over 100 ports vs one port | "
+    skipped = f"| {URING} | skipped: "
+    (row,) = [line for line in lines if line.startswith((measured, skipped))]
+    if row.startswith(skipped):
+        assert re.fullmatch(r".*skipped: \S.* \|", row), row
+        assert not any(line.startswith(f"| {URING}: ") for line in lines)
+        return
+    figure = r"\d+\.\dk vs \d+\.\dk/s = \d+\.\d\d \|"
+    assert re.fullmatch(re.escape(measured) + figure, row), row
+    (versus,) = [line for line in lines if line.startswith(f"| {URING}: over 100 ports vs the C")]
+    assert re.search(r"\| " + figure + "$", versus), versus
 
 
 @pytest.mark.slow
