@@ -33,6 +33,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "echo_common.h"
+
 #define BATCH 64
 #define SLOT 65536
 #define EVENTS 1024
@@ -47,24 +49,6 @@ static int usage(const char *name) {
     fprintf(stderr, "usage: %s HOST PORT [--spin]\n       %s HOST PORT --ports N [--batch]\n",
             name, name);
     return 2;
-}
-
-/* HOST:PORT as a socket address; its length, or 0 if HOST is not an address literal. */
-static socklen_t address(const char *host, int port, struct sockaddr_storage *local) {
-    memset(local, 0, sizeof *local);
-    struct sockaddr_in *v4 = (struct sockaddr_in *)local;
-    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)local;
-    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
-        v4->sin_family = AF_INET;
-        v4->sin_port = htons(port);
-        return sizeof *v4;
-    }
-    if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
-        v6->sin6_family = AF_INET6;
-        v6->sin6_port = htons(port);
-        return sizeof *v6;
-    }
-    return 0;
 }
 
 /* A UDP socket bound to HOST:PORT (type may add SOCK_NONBLOCK); -1 after saying why. */
@@ -199,16 +183,6 @@ static int serve_ports(const char *host, int base, int count, int batch) {
             }
         }
     }
-}
-
-/* A decimal argument in [low, high], or -1. */
-static int number(const char *text, int low, int high) {
-    char *end;
-    errno = 0;
-    long value = strtol(text, &end, 10);
-    if (errno || end == text || *end || value < low || value > high)
-        return -1;
-    return (int)value;
 }
 
 int main(int argc, char **argv) {

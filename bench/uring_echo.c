@@ -40,6 +40,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "echo_common.h"
+
 #define BUFFERS 4096       /* provided buffers: a power of two; 64 requests in flight use few */
 #define BUFFER_SIZE 2048   /* recvmsg_out header + source address + payload */
 #define BUFFER_GROUP 0
@@ -68,24 +70,6 @@ static struct msghdr receive_msg; /* what every multishot receive lays out in it
 static void fail(const char *what, int error) {
     fprintf(stderr, "uring_echo: %s: %s\n", what, strerror(error));
     exit(1);
-}
-
-/* HOST:PORT as a socket address; its length, or 0 if HOST is not an address literal. */
-static socklen_t address(const char *host, int port, struct sockaddr_storage *local) {
-    memset(local, 0, sizeof *local);
-    struct sockaddr_in *v4 = (struct sockaddr_in *)local;
-    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)local;
-    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
-        v4->sin_family = AF_INET;
-        v4->sin_port = htons(port);
-        return sizeof *v4;
-    }
-    if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
-        v6->sin6_family = AF_INET6;
-        v6->sin6_port = htons(port);
-        return sizeof *v6;
-    }
-    return 0;
 }
 
 /* A non-blocking UDP socket bound to HOST:PORT, as echo_ref binds its own. */
@@ -268,16 +252,6 @@ static void serve(void) {
         io_uring_cq_advance(&ring, seen);
         publish_buffers();
     }
-}
-
-/* A decimal argument in [low, high], or -1. */
-static int number(const char *text, int low, int high) {
-    char *end;
-    errno = 0;
-    long value = strtol(text, &end, 10);
-    if (errno || end == text || *end || value < low || value > high)
-        return -1;
-    return (int)value;
 }
 
 int main(int argc, char **argv) {

@@ -6,6 +6,7 @@ each with the exact ``FILE:LINE: path: message`` lines ``udpbindd check`` prints
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -361,6 +362,43 @@ def test_config_error_message_is_every_problem() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # good files
+
+
+def test_listeners_with_equal_settings_share_them_and_replace_changes_one() -> None:
+    cfg = parse_text(
+        "listeners:\n"
+        "  - {interface: 127.0.0.1, port: 5000}\n"
+        "  - {interface: 127.0.0.2, port: 5000, responder: echo}\n"
+        "  - {interface: 127.0.0.3, port: 5000, responder: echo}\n",
+        "t.yaml",
+    )
+    plain, echo, echo_too = cfg.listeners
+    assert plain.settings is config.DEFAULT_SETTINGS
+    assert echo.settings is echo_too.settings  # one object for 2 (or 10,000) equal ones
+    assert echo.responder is Responder.ECHO
+    assert echo.reuse_port is False
+    # A setting given to replace() changes only that setting, as on any dataclass.
+    moved = dataclasses.replace(echo, port=5001, reuse_port=True, line=9)
+    assert (moved.port, moved.reuse_port, moved.responder, moved.line) == (
+        5001,
+        True,
+        Responder.ECHO,
+        9,
+    )
+    assert echo.reuse_port is False
+    assert dataclasses.replace(echo, line=echo.line) == echo
+    assert dataclasses.replace(echo, responder=Responder.SIZE) != echo
+    assert (
+        config.Listener(
+            "127.0.0.2:5000",
+            "127.0.0.2",
+            echo.target,
+            5000,
+            responder=Responder.ECHO,
+            line=echo.line,
+        )
+        == echo
+    )
 
 
 def test_good_file_builds_every_field() -> None:
