@@ -115,10 +115,6 @@ class Served:
             enable_pktinfo(self.sock)
             self.pktinfo = True
 
-    def _locals(self) -> tuple[socket.socket, Stats, Reply, float, Guard | None]:
-        """What a drain reads per datagram, taken into locals once per wake-up."""
-        return self.sock, self.stats, self.reply, self.drop_rate, self.guard
-
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel discarded for this socket name (its receive queue was full).
 
@@ -181,7 +177,9 @@ class Served:
         self.broadcast = broadcast
         self.guard = build_guard(self.binding.listener, broadcast, previous=self.guard)
 
-    def drain(self, buffer: bytearray, view: memoryview, budget: int = DRAIN_BUDGET) -> int:
+    def drain(  # noqa: PLR0915 - the per-datagram loop is kept whole: no call per datagram
+        self, buffer: bytearray, view: memoryview, budget: int = DRAIN_BUDGET
+    ) -> int:
         """Read and answer up to ``budget`` datagrams; return how many receives were made.
 
         Bounded so that one flooded socket cannot starve the others: the selector is
@@ -190,10 +188,8 @@ class Served:
         guard's verdict (denied, reflection, rate_limited), the simulated loss, the guard's
         reply-size check (reflection), a failed send (send_error).
         """
-        if self.pktinfo:
-            return self._drain_pktinfo(view, budget)
-        # What each datagram needs, in locals: read inline rather than through _locals,
-        # since a quiet socket's lone datagram pays this set-up on its way to the reply.
+        # What each datagram needs, in locals: read inline, since a quiet socket's lone
+        # datagram pays this set-up on its way to the reply.
         sock, stats, reply, drop_rate, guard = (
             self.sock,
             self.stats,
@@ -201,13 +197,20 @@ class Served:
             self.drop_rate,
             self.guard,
         )
+        # A wildcard socket answers from each request's destination: recvmsg/sendmsg with the
+        # packet info, which cost more than recvfrom/sendto, so only it takes them.
+        pktinfo, buffers = self.pktinfo, [view]
+        source: list[tuple[int, int, bytes]] | None = None
         chance = random.random  # simulated loss needs no cryptographic randomness
         # One clock read per wake-up: the rate limit needs no finer time than that.
         now, checks_replies = (0, False) if guard is None else (_now(), guard.checks_replies)
         count = 0
         while count < budget:
             try:
-                n, peer = sock.recvfrom_into(buffer)
+                if pktinfo:
+                    n, ancillary, _, peer = sock.recvmsg_into(buffers, PKTINFO_SPACE)
+                else:
+                    n, peer = sock.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -244,10 +247,14 @@ class Served:
                 if data is None:
                     continue
             try:
-                sent = sock.sendto(data, peer)
+                if pktinfo:
+                    source = reply_source(ancillary)
+                    sent = sock.sendmsg([data], source, 0, peer)
+                else:
+                    sent = sock.sendto(data, peer)
             except OSError as error:
                 # ECONNREFUSED, ENOBUFS, EAGAIN, EPERM...: counted, never fatal.
-                sent = self._send_failed(error, data, peer, None)
+                sent = self._send_failed(error, data, peer, source)
                 if sent < 0:
                     continue
             stats.sent_packets += 1
@@ -282,62 +289,6 @@ class Served:
             pktinfo=self.pktinfo,
         )
         self.quiet = count <= 1
-        return count
-
-    def _drain_pktinfo(self, view: memoryview, budget: int) -> int:
-        """``drain`` for a wildcard socket: each reply leaves from its request's destination.
-
-        recvmsg/sendmsg cost more than recvfrom/sendto, so only sockets that need the packet
-        info take this path; the counting is the same.
-        """
-        sock, stats, reply, drop_rate, guard = self._locals()
-        chance = random.random
-        now, checks_replies = (0, False) if guard is None else (_now(), guard.checks_replies)
-        buffers, count = [view], 0
-        while count < budget:
-            try:
-                n, ancillary, _, peer = sock.recvmsg_into(buffers, PKTINFO_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                count += 1
-                stats.send_errors += self._queued_errors()
-                continue
-            count += 1
-            stats.received_packets += 1
-            stats.received_bytes += n
-            if guard is not None:
-                verdict = guard.check(peer[0], peer[1], now)
-                if verdict is not None:
-                    stats.refused(verdict)
-                    continue
-                if drop_rate and chance() < drop_rate:
-                    stats.dropped_simulated += 1
-                    continue
-                data = reply(view, n)
-                if data is None:
-                    continue
-                if checks_replies and not guard.reply_ok(peer[0], n, len(data)):
-                    stats.dropped_reflection += 1
-                    continue
-            else:
-                if drop_rate and chance() < drop_rate:
-                    stats.dropped_simulated += 1
-                    continue
-                data = reply(view, n)
-                if data is None:
-                    continue
-            source = reply_source(ancillary)
-            try:
-                sent = sock.sendmsg([data], source, 0, peer)
-            except OSError as error:
-                sent = self._send_failed(error, data, peer, source)
-                if sent < 0:
-                    continue
-            stats.sent_packets += 1
-            stats.sent_bytes += sent
-        if guard is not None and guard.limiter is not None:
-            stats.rate_limit_evictions += guard.take_evictions()
         return count
 
 
