@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: free ports, config files, captured log events, the loop's I/O
-path, bounded waits, and a notifier that records what it would tell systemd."""
+path, bounded waits, a notifier that records what it would tell systemd, and the CLI run as
+the user nobody."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,31 @@ IN_CI = os.environ.get("CI") == "true"
 WAIT = 10.0
 # How the in-process daemons of the running test move datagrams (set by ``io_mode``).
 IO = {"mode": IOMode.BATCHED}
+NOBODY = 65534
+
+# The interpreter may live where nobody cannot reach it (a pyenv under /root), so the process
+# starts as root, imports udpbindd (and the codec it loads lazily to read /proc), and only then
+# gives up every privilege to run the CLI.
+AS_NOBODY = f"""
+import encodings.ascii, os, sys
+from udpbindd.cli import main
+os.setgroups([])
+os.setresgid({NOBODY}, {NOBODY}, {NOBODY})
+os.setresuid({NOBODY}, {NOBODY}, {NOBODY})
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def run_as_nobody(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process whose real, effective and saved uid and gid are nobody's."""
+    return subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+    )
 
 
 def require(condition: bool, reason: str) -> None:

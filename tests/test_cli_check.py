@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import require, run_as_nobody
 
 from udpbindd import cli
 from udpbindd.config import DEFAULT_PATH
@@ -25,7 +25,6 @@ from udpbindd.config import DEFAULT_PATH
 REPO = Path(__file__).parent.parent
 TESTDATA = Path(__file__).parent / "testdata"
 EXAMPLE = REPO / "config" / "udpbindd.example.yaml"
-NOBODY = 65534
 ROW_FIELDS = {
     "listener", "socket", "address", "port", "family", "v6only", "device", "responder",
     "reuse_port", "freebind", "required", "state",
@@ -44,24 +43,6 @@ def run_check(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[in
 def run_module(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """``python -m udpbindd ARGS`` in a fresh interpreter."""
     return _run([sys.executable, "-m", "udpbindd", *map(str, args)])
-
-
-# The interpreter may live where nobody cannot reach it (a pyenv under /root), so the process
-# starts as root, imports udpbindd (and the codec it loads lazily to read /proc), and only then
-# gives up every privilege to run the CLI.
-_AS_NOBODY = f"""
-import encodings.ascii, os, sys
-from udpbindd.cli import main
-os.setgroups([])
-os.setresgid({NOBODY}, {NOBODY}, {NOBODY})
-os.setresuid({NOBODY}, {NOBODY}, {NOBODY})
-raise SystemExit(main(sys.argv[1:]))
-"""
-
-
-def run_as_nobody(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The CLI in a process whose real, effective and saved uid and gid are nobody's."""
-    return _run([sys.executable, "-c", _AS_NOBODY, *map(str, args)])
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -529,14 +510,14 @@ def test_unreadable_file_as_nobody(nobody_dir: Path) -> None:
     readable.write_text("listeners:\n  - {interface: 127.0.0.1, port: 1060}\n")
     readable.chmod(0o644)
     # The control proves the process really runs as nobody, and reaches the directory.
-    control = run_as_nobody("check", "--no-host", "--format", "json", "-c", readable)
+    control = run_as_nobody("check", "--no-host", "--format", "json", "-c", readable, cwd=REPO)
     assert (control.returncode, control.stderr) == (0, "")
     assert json.loads(control.stdout)["source"] == str(readable)
 
     secret = nobody_dir / "secret.yaml"
     secret.write_text("listeners:\n  - {interface: 127.0.0.1, port: 1060}\n")
     secret.chmod(0)
-    result = run_as_nobody("check", "--no-host", "-c", secret)
+    result = run_as_nobody("check", "--no-host", "-c", secret, cwd=REPO)
     assert result.returncode == 78
     assert "Traceback" not in result.stderr
     assert result.stderr == (

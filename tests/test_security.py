@@ -25,7 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, free_port_both, require, require_root
+from conftest import (
+    AS_NOBODY,
+    NOBODY,
+    free_port,
+    free_port_both,
+    require,
+    require_root,
+    run_as_nobody,
+)
 from daemonproc import DaemonProcess, exchange, plain_lines, wait_answering
 from prometheus import free_tcp_port, samples, scrape, value
 from test_daemon import (
@@ -55,7 +63,6 @@ from udpbindd.sockets import (
 )
 from udpbindd.stats import Stats
 
-NOBODY = 65534
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 # How long a refused datagram is given to show up anyway, once its refusal was counted.
 QUIET = 0.2
@@ -596,27 +603,6 @@ def test_an_icmp_error_is_counted_and_the_next_client_is_still_answered(
 
 # -- privileges ---------------------------------------------------------------------------------
 
-# The interpreter lives where nobody cannot read (a pyenv under /root), so the process starts
-# as root, imports everything the CLI needs, and only then gives up every privilege.
-_AS_NOBODY = f"""
-import encodings.ascii, os, sys
-from udpbindd.cli import main
-os.setgroups([])
-os.setresgid({NOBODY}, {NOBODY}, {NOBODY})
-os.setresuid({NOBODY}, {NOBODY}, {NOBODY})
-raise SystemExit(main(sys.argv[1:]))
-"""
-
-
-def run_as_nobody(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", _AS_NOBODY, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
 
 @pytest.fixture
 def nobody_dir() -> Iterator[Path]:
@@ -688,7 +674,7 @@ def test_user_switch_needs_root(nobody_dir: Path) -> None:
 def test_running_as_the_user_already_needs_no_switch(nobody_dir: Path) -> None:
     port = free_port()
     path = write(nobody_dir, f"listeners: [{{interface: 127.0.0.1, port: {port}}}]\n")
-    command = [sys.executable, "-c", _AS_NOBODY, "run", "--user", "nobody", "-c", str(path)]
+    command = [sys.executable, "-c", AS_NOBODY, "run", "--user", "nobody", "-c", str(path)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         try:
             assert wait_answering("127.0.0.1", port) == b"Your data was 4 bytes"
